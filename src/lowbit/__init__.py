@@ -1,0 +1,17 @@
+"""lowbit: quantization-aware training for PyTorch with a real integer export.
+
+The public API (see README):
+
+    model = lowbit.quantize(model, config_list, method="lsq", optimizer=optimizer)
+    calib = lowbit.calibration_config(model)
+    plain = lowbit.fold(model)
+    lowbit.export(model, "model.onnx", format="onnx-int8")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .models import VAE, build_model  # noqa: E402
+
+__all__ = ["__version__", "VAE", "build_model"]
