@@ -1,0 +1,195 @@
+"""One run of the VAE experiment: (load a baseline) -> (quantize) -> train -> evaluate -> save.
+
+``lowbit train`` runs one; ``lowbit study`` plans and runs many.  A run's record is a plain
+JSON-serialisable dict with everything the reference study reported and more (see
+:func:`run_experiment`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import load_optimizer, load_state, save_optimizer, save_run, write_json
+from .models import build_model
+from .train import EvalResult, evaluate, fit, make_optimizer, time_eval
+
+__all__ = ["RunSpec", "run_experiment", "machine_info", "model_size", "RECORD"]
+
+RECORD = "result.json"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run does.  ``method=None`` trains in float (a baseline or the fp32 control)."""
+
+    name: str
+    epochs: int
+    method: str | None = None
+    config_list: list | None = None
+    options: dict = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 128
+    lr: float = 1e-3
+    iwae_k: int = 64
+    calib_batches: int = 8  # PTQ: batches of training data used to calibrate
+    model: dict = field(default_factory=lambda: {"name": "vae", "kwargs": {}})
+    dataset: str = "mnist"
+
+    def __post_init__(self) -> None:
+        if self.method is None and self.config_list:
+            raise ValueError(f"run {self.name}: a config list needs a method")
+        if self.method is not None and not self.config_list:
+            raise ValueError(f"run {self.name}: method {self.method!r} needs a config list")
+        if self.method != "ptq" and (not isinstance(self.epochs, int) or self.epochs <= 0):
+            raise ValueError(f"run {self.name}: epochs must be a positive integer, got {self.epochs!r}")
+
+    def key(self, init_key: str | None = None) -> str:
+        """A digest of everything that decides this run's result (and of its starting point), so a
+        changed configuration is never mistaken for a finished run."""
+        blob = json.dumps({"spec": asdict(self), "init": init_key, "version": __version__}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def machine_info() -> dict[str, Any]:
+    """Python/torch/lowbit versions and the machine (CPU model, threads, GPU if any)."""
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = sorted(have & {"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
+                    break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "lowbit": __version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+    }
+
+
+def model_size(model: nn.Module) -> dict[str, int]:
+    """Parameter count, float32 bytes, and bytes with each quantized weight stored at its bit width."""
+    params = sum(p.numel() for p in model.parameters())
+    fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
+    packed = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        wq = getattr(module, "weight_quantizer", None)
+        inner = getattr(module, "module", None)
+        if wq is not None and inner is not None:
+            w = inner.weight
+            packed += (w.numel() * int(wq.bits) + 7) // 8
+            seen.add(id(w))
+    packed += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
+    return {"parameters": params, "bytes_fp32": fp32, "bytes_quantized": packed}
+
+
+def _metrics(result: EvalResult, seconds: float) -> dict[str, Any]:
+    return {**result.to_dict(), "eval_seconds_median3": seconds}
+
+
+def run_experiment(
+    spec: RunSpec,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    out_dir: str | os.PathLike,
+    *,
+    init: str | os.PathLike | None = None,
+    init_key: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run ``spec`` and save its model, optimizer state and record (``result.json``) in ``out_dir``.
+
+    Args:
+        init: a run directory to start from (its weights and its Adam state: the reference
+            protocol keeps the same optimizer across quantization).  None starts from scratch.
+        init_key: the starting run's key, folded into this run's key.
+
+    Returns:
+        the record written to ``out_dir/result.json``.
+    """
+    out_dir = Path(out_dir)
+    model = build_model(spec.model["name"], **spec.model.get("kwargs", {}))
+    before: dict[str, Any] | None = None
+    if init is not None:
+        state, _ = load_state(init)
+        model.load_state_dict(state)
+    optimizer = make_optimizer(model, spec.lr)
+    if init is not None:
+        load_optimizer(init, optimizer)
+        before = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+    printout_before = str(model)
+    size_before = model_size(model)
+
+    calib: dict | None = None
+    if spec.method is not None:
+        from .quantize import quantize
+
+        quantize(model, spec.config_list, method=spec.method, optimizer=optimizer, **spec.options)
+    train = None
+    if spec.method == "ptq":
+        _calibrate(model, train_images, spec)
+    else:
+        train = fit(model, train_images, epochs=spec.epochs, batch_size=spec.batch_size, optimizer=optimizer,
+                    seed=spec.seed + (1000 if init is not None else 0), progress=progress,
+                    description=spec.name)
+    after = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+    if spec.method is not None:
+        from .quantize import calibration_config
+
+        calib = calibration_config(model)
+
+    quant = {"method": spec.method, "config_list": spec.config_list, "options": spec.options} if spec.method else None
+    record = {
+        "name": spec.name,
+        "key": spec.key(init_key),
+        "spec": asdict(spec),
+        "init": str(init) if init is not None else None,
+        "printout_before": printout_before,
+        "printout_after": str(model),
+        "calibration_config": calib,
+        "train": train.to_dict() if train is not None else None,
+        "before": before,
+        "after": after,
+        "size_before": size_before,
+        "size_after": model_size(model),
+        "environment": machine_info(),
+    }
+    save_run(out_dir, model, model_spec=spec.model, quant=quant, extra={"key": record["key"], "seed": spec.seed})
+    save_optimizer(out_dir, optimizer)
+    write_json(out_dir / RECORD, record)  # written last: its presence marks the run finished
+    return record
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, images: torch.Tensor, spec: RunSpec) -> None:
+    """PTQ: show the quantizers ``calib_batches`` seeded batches in train mode (no weight update)."""
+    g = torch.Generator().manual_seed(spec.seed)
+    model.train()
+    idx = torch.randperm(images.shape[0], generator=g)[: spec.calib_batches * spec.batch_size]
+    for i in range(0, idx.numel(), spec.batch_size):
+        model(images.index_select(0, idx[i : i + spec.batch_size]))
+    model.eval()
