@@ -46,6 +46,8 @@ class CheckpointError(ValueError):
 def ensure_dir(path: str | os.PathLike) -> Path:
     """Create ``path`` (and parents) if needed and check that it is a writable folder."""
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CheckpointError(f"output path {p} exists and is not a folder; choose another --out")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:

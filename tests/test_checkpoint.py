@@ -1,0 +1,88 @@
+import json
+import os
+
+import pytest
+import torch
+
+from lowbit.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    ensure_dir,
+    load_model,
+    load_optimizer,
+    load_state,
+    save_optimizer,
+    save_run,
+)
+from lowbit.models.vae import VAE
+from lowbit.train import fit, make_optimizer
+
+
+def test_save_and_load_round_trip(tmp_path, tiny_images):
+    torch.manual_seed(0)
+    model = VAE()
+    fit(model, tiny_images, epochs=1, batch_size=128, progress=False)
+    save_run(tmp_path / "run", model, model_spec={"name": "vae", "kwargs": {}}, extra={"seed": 0})
+    loaded = load_model(tmp_path / "run")
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["seed"] == 0
+
+
+def test_checkpoint_is_not_a_pickle(tmp_path):
+    save_run(tmp_path, VAE(), model_spec={"name": "vae", "kwargs": {}})
+    head = (tmp_path / "model.safetensors").read_bytes()[:16]
+    assert not head.startswith(b"\x80")  # pickle protocol marker
+    header_len = int.from_bytes(head[:8], "little")
+    assert json.loads((tmp_path / "model.safetensors").read_bytes()[8 : 8 + header_len])
+
+
+def test_truncated_checkpoint_is_reported(tmp_path):
+    save_run(tmp_path, VAE(), model_spec={"name": "vae", "kwargs": {}})
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_state(tmp_path)
+
+
+def test_missing_run_dir_is_explained(tmp_path):
+    with pytest.raises(CheckpointError, match="not a lowbit run directory"):
+        load_model(tmp_path / "nothing")
+
+
+def test_optimizer_state_round_trip(tmp_path, tiny_images):
+    torch.manual_seed(0)
+    model = VAE()
+    opt = make_optimizer(model)
+    fit(model, tiny_images, epochs=1, batch_size=128, optimizer=opt, progress=False)
+    save_optimizer(tmp_path, opt)
+    opt2 = make_optimizer(model)
+    assert load_optimizer(tmp_path, opt2)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        for name in s1[i]:
+            assert torch.equal(torch.as_tensor(s1[i][name]), torch.as_tensor(s2[i][name]))
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_bytes(tmp_path / "a.bin", b"123")
+    atomic_write_bytes(tmp_path / "a.bin", b"456")
+    assert os.listdir(tmp_path) == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"456"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_folder_is_explained(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    with pytest.raises(CheckpointError, match="not writable"):
+        ensure_dir(ro)
+
+
+def test_output_path_that_is_a_file_is_explained(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        ensure_dir(tmp_path / "f")
+    with pytest.raises(CheckpointError, match="cannot create"):
+        ensure_dir(tmp_path / "f" / "sub")
