@@ -119,7 +119,8 @@ def run_experiment(
     *,
     init: str | os.PathLike | None = None,
     init_key: str | None = None,
-    progress: bool = True,
+    before: dict[str, Any] | None = None,
+    progress: Any = True,
 ) -> dict[str, Any]:
     """Run ``spec`` and save its model, optimizer state and record (``result.json``) in ``out_dir``.
 
@@ -127,20 +128,22 @@ def run_experiment(
         init: a run directory to start from (its weights and its Adam state: the reference
             protocol keeps the same optimizer across quantization).  None starts from scratch.
         init_key: the starting run's key, folded into this run's key.
+        before: the starting run's test metrics, when known (saves evaluating it again).
+        progress: True, False, or a rich ``Progress`` to add the training bar to.
 
     Returns:
         the record written to ``out_dir/result.json``.
     """
     out_dir = Path(out_dir)
     model = build_model(spec.model["name"], **spec.model.get("kwargs", {}))
-    before: dict[str, Any] | None = None
     if init is not None:
         state, _ = load_state(init)
         model.load_state_dict(state)
     optimizer = make_optimizer(model, spec.lr)
     if init is not None:
         load_optimizer(init, optimizer)
-        before = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+        if before is None:
+            before = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
     printout_before = str(model)
     size_before = model_size(model)
 

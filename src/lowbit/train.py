@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .models.vae import VAE, eval_eps, iwae_nll, vae_loss
+from rich.progress import Progress
+
 from .progress import TrainProgress
 
 __all__ = ["TrainResult", "EvalResult", "fit", "evaluate", "time_eval", "vae_batch_loss", "make_optimizer"]
@@ -75,7 +77,7 @@ def fit(
     lr: float = 1e-3,
     seed: int = 0,
     loss_fn: LossFn = vae_batch_loss,
-    progress: bool = True,
+    progress: "bool | Progress" = True,
     description: str = "train",
 ) -> TrainResult:
     """Train ``model`` on ``images`` (shape ``(N, ...)``) for ``epochs`` epochs of shuffled batches.
@@ -85,6 +87,7 @@ def fit(
             Pass the one you gave :func:`lowbit.quantize` so quantizer parameters train too.
         seed: seeds the shuffling and the global generator (the VAE's noise).
         loss_fn: returns the batch's summed loss; the reported loss is per image.
+        progress: show a progress bar (True), none (False), or add one to this rich ``Progress``.
 
     Returns:
         per-epoch wall seconds and mean losses.
@@ -100,7 +103,8 @@ def fit(
     result = TrainResult(epochs=epochs, images=n)
     steps = (n + batch_size - 1) // batch_size
     model.train()
-    with TrainProgress(description, epochs, steps, enabled=progress) as bar:
+    shared = progress if isinstance(progress, Progress) else None
+    with TrainProgress(description, epochs, steps, enabled=bool(progress), progress=shared) as bar:
         for _epoch in range(epochs):
             total = torch.zeros((), dtype=torch.float64)
             start = time.perf_counter()
