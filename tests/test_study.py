@@ -1,0 +1,147 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lowbit.presets import REFERENCE
+from lowbit.report import paired_stats, t95
+from lowbit.study import StudyConfig, plan_runs
+
+
+def test_default_plan_shares_one_baseline_per_seed():
+    plan = plan_runs(StudyConfig(seeds=2))
+    kinds = [r.kind for r in plan]
+    assert kinds.count("baseline") == 2
+    assert kinds.count("control") == 2
+    assert kinds.count("quantized") == 2 * 3 * 2  # methods x bits per seed
+    assert kinds.count("ptq") == 2 * 2
+    for run in plan:
+        if run.kind != "baseline":
+            seed = run.spec.seed
+            assert run.init == f"seed{seed}/fp32-baseline"
+            assert plan.index(next(r for r in plan if r.folder == run.init)) < plan.index(run)
+
+
+def test_reference_configs_are_used_verbatim():
+    plan = plan_runs(StudyConfig())
+    by_name = {r.folder: r for r in plan}
+    for method in ("qat", "dorefa", "lsq"):
+        assert by_name[f"seed0/{method}-w8"].spec.config_list == REFERENCE[(method, "C0")]
+        assert by_name[f"seed0/{method}-w4"].spec.config_list == REFERENCE[(method, "C1")]
+
+
+def test_reference_preset_trains_a_fresh_baseline_per_run():
+    plan = plan_runs(StudyConfig(preset="reference", control=False, ptq=False))
+    baselines = [r for r in plan if r.kind == "baseline"]
+    quantized = [r for r in plan if r.kind == "quantized"]
+    assert len(baselines) == len(quantized) == 6
+    assert len({r.init for r in quantized}) == 6
+    assert len({r.spec.seed for r in baselines}) == 6  # each baseline its own initialisation
+
+
+def test_all_layers_and_low_bits_generalise_the_reference():
+    plan = plan_runs(StudyConfig(methods=("lsq",), bits=(3, 2), layers="all", ptq=False))
+    cfgs = [r.spec.config_list for r in plan if r.kind == "quantized"]
+    assert cfgs[0][0]["quant_bits"] == {"input": 3, "weight": 3}
+    assert cfgs[1][0]["op_types"] == ["Linear"] and "op_names" not in cfgs[1][0]
+
+
+def test_run_key_changes_with_the_configuration():
+    a = plan_runs(StudyConfig())
+    b = plan_runs(StudyConfig(finetune_epochs=5))
+    ka = {r.folder: r.spec.key("x") for r in a}
+    kb = {r.folder: r.spec.key("x") for r in b}
+    assert ka["seed0/lsq-w4"] != kb["seed0/lsq-w4"]
+    assert a[0].spec.key() == b[0].spec.key()  # the baseline did not change
+    assert a[1].spec.key("base1") != a[1].spec.key("base2")  # nor is a run reused across baselines
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"methods": ("nni",)}, "unknown method"), ({"bits": (0,)}, "1..16"), ({"seeds": 0}, "seeds"),
+     ({"methods": (), "ptq": False, "control": False}, "nothing to study")],
+)
+def test_study_config_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StudyConfig(**kwargs)
+
+
+def test_paired_stats():
+    s = paired_stats([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0)
+    half = t95(2) * 1.0 / 3**0.5
+    assert s["ci95"] == pytest.approx([2 - half, 2 + half])
+    assert s["significant"] is False  # t(2) is wide: 2 ± 2.48 includes 0
+    assert paired_stats([1.0, 1.1, 0.9])["significant"] is True
+    assert paired_stats([-1.0, 1.0])["significant"] is False
+    assert paired_stats([0.5])["ci95"] is None
+    assert t95(1) == pytest.approx(12.706) and t95(1000) == pytest.approx(1.96)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end, on real MNIST (slow)
+# ---------------------------------------------------------------------------------------------
+
+def _study(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lowbit.cli", "study", "--quick", "--threads", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def _losses(summary: dict) -> dict:
+    return {c["name"]: (c["loss"]["mean"], c["iwae"]["mean"] if c["iwae"] else None) for c in summary["cells"]}
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end(tmp_path, mnist):
+    out = tmp_path / "study"
+    start = time.perf_counter()
+    subprocess.run(_study(out), check=True, env=os.environ.copy(), timeout=600)
+    elapsed = time.perf_counter() - start
+    report = (out / "report.md").read_text()
+    for section in ("## Summary", "## Test loss", "equal-budget fp32 control", "## Model printout",
+                    "## Calibration configs", "## Figures", "## Model size"):
+        assert section in report, section
+    for fig in ("reconstructions.png", "samples.png", "loss_vs_bits.png"):
+        assert (out / fig).stat().st_size > 1000
+    summary = json.loads((out / "summary.json").read_text())
+    names = {c["name"] for c in summary["cells"]}
+    assert {"fp32-baseline", "fp32-control", "qat-w8", "qat-w4", "dorefa-w8", "dorefa-w4", "lsq-w8", "lsq-w4",
+            "ptq-w8", "ptq-w4"} <= names
+    rec = json.loads((out / "seed0" / "lsq-w4" / "result.json").read_text())
+    assert rec["spec"]["config_list"] == REFERENCE[("lsq", "C1")]
+    assert "fc1" in rec["calibration_config"] and rec["calibration_config"]["fc1"]["weight_bits"] == 4
+    assert rec["printout_before"] != rec["printout_after"]
+    assert len(rec["train"]["epoch_seconds"]) == 1 and rec["after"]["eval_seconds_median3"] > 0
+    assert rec["environment"]["torch"] and rec["size_after"]["bytes_quantized"] < rec["size_after"]["bytes_fp32"]
+    for c in summary["cells"]:
+        assert 90 < c["loss"]["mean"] < 200, c
+    print(f"quick study took {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path, mnist):
+    args = ("--methods", "lsq", "--bits", "4", "--no-ptq", "--iwae-k", "0", "--no-deploy")
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_study(ref, *args), check=True, timeout=600)
+    proc = subprocess.Popen(_study(killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = killed / "seed0" / "fp32-baseline" / "result.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # now inside the next run
+    assert proc.poll() is None, "the study ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (killed / "seed0" / "lsq-w4" / "result.json").exists()
+    baseline_mtime = first.stat().st_mtime_ns
+    done = subprocess.run(_study(killed, *args), check=True, timeout=600, capture_output=True, text=True)
+    assert "resumed: 1 finished run" in done.stderr
+    assert first.stat().st_mtime_ns == baseline_mtime  # the finished run was not redone
+    a = json.loads((ref / "summary.json").read_text())
+    b = json.loads((killed / "summary.json").read_text())
+    assert _losses(a) == _losses(b)
