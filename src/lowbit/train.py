@@ -173,7 +173,7 @@ def evaluate(
             if not isinstance(model, VAE):
                 raise TypeError("the IWAE bound needs a lowbit VAE (encode/decode_logits); pass iwae_k=0")
             g = torch.Generator().manual_seed(seed + 1)
-            chunk = max(1, 2_000_000 // (iwae_k * images[0].numel()))
+            chunk = max(1, 8_000_000 // (iwae_k * images[0].numel()))
             iwae = float(sum(iwae_nll(model, images[i : i + chunk], iwae_k, g).sum().double() for i in range(0, n, chunk))) / n
         loss, bce, kl = (float(v) / n for v in sums)
         return EvalResult(loss, bce, kl, iwae, iwae_k, seconds)

@@ -97,9 +97,10 @@ def iwae_nll(model: VAE, x: Tensor, k: int = 64, generator: torch.Generator | No
     eps = torch.randn((k, *mu.shape), generator=generator, dtype=mu.dtype)
     z = mu + std * eps  # (k, B, latent)
     logits = model.decode_logits(z.reshape(k * b, -1)).reshape(k, b, -1)
-    log_px_z = -F.binary_cross_entropy_with_logits(
-        logits, target.expand(k, -1, -1), reduction="none"
-    ).sum(-1)
+    # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - softplus(l): the x.l part as one
+    # batched matmul, so no (k, B, D) temporaries beyond the logits and their softplus
+    x_dot_l = torch.bmm(logits.transpose(0, 1), target.unsqueeze(-1)).squeeze(-1).transpose(0, 1)
+    log_px_z = x_dot_l - F.softplus(logits).sum(-1)
     log_2pi = math.log(2 * math.pi)
     log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)
     log_qz = -0.5 * (eps.pow(2) + log_2pi + logvar).sum(-1)

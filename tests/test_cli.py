@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import build_parser, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "study", "export", "bench"):
+        assert cmd in out
+    for cmd in ("train", "study", "export", "bench"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "usage: lowbit " + cmd in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["train", "--epochs", "0"], "positive integer"), (["train", "--batch-size", "-3"], "positive integer"),
+     (["train", "--dataset", "cifar"], "invalid choice"), (["study", "--bits", "8,0"], "1..16"),
+     (["study", "--seeds", "x"], "positive integer")],
+)
+def test_bad_arguments_are_refused_with_a_reason(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--out", str(blocker / "run"), "--data-dir", str(tmp_path)]) == 2
+    assert "cannot create output folder" in capsys.readouterr().err
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LOWBIT_MIRROR", "http://127.0.0.1:9/")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("LOWBIT_DATA_DIR", raising=False)
+    assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and "LOWBIT_DATA_DIR" in err
+
+
+def test_config_without_method_is_refused(tmp_path, capsys):
+    assert main(["train", "--config", "C0", "--out", str(tmp_path / "r")]) == 2
+    assert "--config needs --method" in capsys.readouterr().err
+
+
+def test_study_defaults_match_the_reference_protocol():
+    from lowbit.study import StudyConfig
+
+    cfg = StudyConfig.from_args(build_parser().parse_args(["study"]))
+    assert cfg.methods == ("qat", "dorefa", "lsq") and cfg.bits == (8, 4)
+    assert cfg.epochs == cfg.finetune_epochs == 10 and cfg.seeds == 1 and cfg.ptq and cfg.control
+    quick = StudyConfig.from_args(build_parser().parse_args(["study", "--quick"]))
+    assert quick.epochs == quick.finetune_epochs == 1
+
+
+def _train(out, epochs):
+    cmd = [sys.executable, "-m", "lowbit.cli", "train", "--epochs", str(epochs), "--seed", "0", "--threads", "1",
+           "--no-progress", "--iwae-k", "8", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=900)
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_train_ten_epochs_reaches_the_reference_loss(tmp_path, mnist):
+    metrics = _train(tmp_path / "fp32", 10)
+    assert 104 <= metrics["after"]["loss"] <= 107, metrics["after"]
+    assert metrics["after"]["iwae"] < metrics["after"]["loss"]
+    assert len(metrics["train"]["epoch_seconds"]) == 10
+    assert (tmp_path / "fp32" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_same_seed_same_loss(tmp_path, mnist):
+    a = _train(tmp_path / "a", 1)
+    b = _train(tmp_path / "b", 1)
+    assert a["after"]["loss"] == b["after"]["loss"] and a["train"]["epoch_losses"] == b["train"]["epoch_losses"]
