@@ -1,0 +1,781 @@
+"""QDQ ONNX export: a model quantized by any lowbit method -> a standard ONNX file with integer weights.
+
+How the graph is made (see ``docs/EXPORT.md`` for the measurements behind each choice):
+
+1. A copy of the model is traced with ``torch.onnx.export`` (TorchScript exporter, opset 21) with
+   every quantized layer (:class:`lowbit.modules.QuantWrapper`) replaced by a marker op
+   ``lowbit::QLayer``; layers the config left in float are exported as PyTorch writes them.
+2. Each marker is rewritten from the layer's quantizer grids (never from re-quantized weights):
+
+   * input quantizer  -> ``QuantizeLinear -> DequantizeLinear`` (uint8; a signed grid is shifted
+     by 128, which is exact; a grid narrower than 8 bits gets a ``Clip`` to its own range first);
+   * weights          -> an **integer initializer** (int8, or int4 packed two per byte) ->
+     ``DequantizeLinear`` with the weight grid's scale and zero point (per tensor or per channel);
+   * bias             -> int32 at scale ``s_in * s_w`` -> ``DequantizeLinear`` (what ONNX Runtime's
+     integer GEMM adds; float where the layer has no input grid);
+   * the layer        -> ``Gemm`` (int8, 2-D input), ``MatMul + Add`` (int4; N-D input), ``Conv``;
+   * output quantizer -> ``QuantizeLinear -> DequantizeLinear`` after it.
+
+   ONNX Runtime fuses the int8 form into ``QGemm`` / ``QLinearConv`` (integer kernels); the tests
+   read the optimized graph to check that no float GEMM is left on a quantized layer.
+3. The file is written atomically: on any error nothing is left at the output path.
+
+The numbers in the file are the simulation's: the same codes (``quantize_int``), scales, zero
+points, rounding (half to even) and clipping.  Nothing is re-quantized at export: a model whose
+weights are not on a grid that the format can hold is refused with :class:`ExportError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ExportError",
+    "FORMATS",
+    "LayerPlan",
+    "ActGrid",
+    "export",
+    "export_onnx_bytes",
+    "plan_layers",
+    "find_quantized_layers",
+    "pack_int4",
+    "unpack_int4",
+]
+
+FORMATS = ("onnx-int8", "onnx-int4", "onnx-fp32")
+OPSET = 21
+DOMAIN = "lowbit"
+#: no-op nodes that steer ONNX Runtime's fusions; their names say why (see _guard_* below).
+#: ``fanout``: keeps a GEMM output that feeds a QuantizeLinear and something else fusable;
+#: ``nbits``: keeps an int4 MatMul's activation DequantizeLinear out of the QDQ selector, so plain
+#: ONNX Runtime fuses DequantizeLinear(int4) + MatMul into its 4-bit kernel (MatMulNBits).
+GUARD_PREFIX = "lowbit_guard/"
+GUARD_FANOUT = GUARD_PREFIX + "fanout/"
+GUARD_NBITS = GUARD_PREFIX + "nbits/"
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message names the layer and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# layer discovery and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _is_wrapper(m: nn.Module) -> bool:
+    """A lowbit QuantWrapper (or anything honouring its contract: ``module`` + three quantizers)."""
+    try:
+        from ..modules import QuantWrapper  # type: ignore[attr-defined]
+
+        if isinstance(m, QuantWrapper):
+            return True
+    except Exception:  # modules.py not there yet / import error: fall back to the contract
+        pass
+    return all(hasattr(m, a) for a in ("module", "weight_quantizer", "input_quantizer", "output_quantizer"))
+
+
+def find_quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, wrapper)`` of every quantized layer, outermost first (not nested)."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        for name, child in mod.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if _is_wrapper(child):
+                found.append((full, child))
+            else:
+                walk(child, full)
+
+    walk(model, "")
+    return found
+
+
+@dataclass(frozen=True)
+class ActGrid:
+    """A per-tensor activation grid, as stored in the file: uint8 (or int8) codes.
+
+    ``clip`` is ``(lo, hi)`` in float when the simulated grid has fewer than 256 levels: the
+    simulation clamps to ``[qmin, qmax]``, which uint8 saturation alone would not do.
+    """
+
+    scale: float
+    zero_point: int  # the stored zero point (the simulated one, shifted with the codes)
+    clip: tuple[float, float] | None
+    levels: int
+    dtype: str = "uint8"  # "uint8" | "int8"
+
+
+@dataclass
+class LayerPlan:
+    """Everything the file needs about one quantized layer, taken from its quantizers."""
+
+    index: int
+    name: str
+    kind: str  # "linear" | "conv2d"
+    module: nn.Module
+    weight_bits: int | None  # bits the weight grid needs (ceil(log2(levels))), None if float
+    w_codes: np.ndarray | None  # int64 codes shifted into the stored type's range, weight layout
+    w_scale: np.ndarray | None  # float32, () or (C_out,)
+    w_zero_point: np.ndarray | None  # int64, shifted like the codes
+    w_float: np.ndarray  # the weights the simulation uses (dequantized codes, or the float weight)
+    bias: np.ndarray | None
+    act_in: ActGrid | None
+    act_out: ActGrid | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _grid(q: nn.Module, what: str, name: str):
+    try:
+        return q.grid()
+    except Exception as e:  # NotCalibratedError and friends: one clear message
+        kind = type(e).__name__
+        if "NotCalibrated" in kind:
+            raise ExportError(
+                f"layer {name!r}: its {what} quantizer was never calibrated ({e}); run the model on "
+                "calibration data (or train it) before exporting"
+            ) from e
+        raise ExportError(f"layer {name!r}: cannot read its {what} quantizer's grid ({kind}: {e})") from e
+
+
+def _check_scale(scale: Tensor, zp: Tensor, what: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+    s = scale.detach().to(torch.float32).cpu().numpy()
+    z = zp.detach().cpu().numpy()
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        bad = s[~(np.isfinite(s) & (s > 0))].ravel()[:3]
+        raise ExportError(
+            f"layer {name!r}: {what} scale is not a positive finite number ({bad.tolist()}): the "
+            "quantizer's state is broken (NaN from training, or never calibrated); retrain or recalibrate"
+        )
+    if not np.all(np.isfinite(z.astype(np.float64))) or np.any(z != np.round(z)):
+        raise ExportError(f"layer {name!r}: {what} zero point is not an integer ({z.ravel()[:3].tolist()})")
+    return s, z.astype(np.int64)
+
+
+def _act_grid(q: nn.Module, what: str, name: str, act_dtype: str = "uint8") -> ActGrid:
+    g = _grid(q, what, name)
+    s, z = _check_scale(g.scale, g.zero_point, what, name)
+    if g.axis is not None and s.size > 1:
+        raise ExportError(
+            f"layer {name!r}: per-channel {what} quantization cannot run on integer kernels; use a "
+            "per-tensor activation quantizer"
+        )
+    s, z = float(s.reshape(-1)[0]), int(z.reshape(-1)[0])
+    levels = g.qmax - g.qmin + 1
+    if levels > 256:
+        raise ExportError(
+            f"layer {name!r}: its {what} grid has {levels} levels; integer kernels take at most 8-bit "
+            "activations"
+        )
+    lo, hi = (0, 255) if act_dtype == "uint8" else (-128, 127)
+    off = _fit_codes(g.qmin, g.qmax, lo, hi)
+    assert off is not None  # levels <= 256
+    zp = z + off
+    if not lo <= zp <= hi:
+        raise ExportError(f"layer {name!r}: {what} zero point {z} lies outside its grid [{g.qmin}, {g.qmax}]")
+    clip = None
+    if (g.qmin + off, g.qmax + off) != (lo, hi):
+        # the simulation clamps to [qmin, qmax], narrower than the stored type saturates
+        clip = (float(np.float32((g.qmin - z) * np.float32(s))), float(np.float32((g.qmax - z) * np.float32(s))))
+    return ActGrid(scale=s, zero_point=zp, clip=clip, levels=levels, dtype=act_dtype)
+
+
+def _fit_codes(qmin: int, qmax: int, lo: int, hi: int) -> int | None:
+    """Offset ``off`` with ``[qmin+off, qmax+off]`` inside ``[lo, hi]`` (0 preferred), else None."""
+    if qmin >= lo and qmax <= hi:
+        return 0
+    if qmax - qmin > hi - lo:
+        return None
+    return lo - qmin  # shift the grid to start at the type's lowest code
+
+
+def _bits_for(levels: int) -> int:
+    return max(1, math.ceil(math.log2(levels)))
+
+
+def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "uint8") -> list[LayerPlan]:
+    """Validate every quantized layer of ``model`` for ``fmt`` and collect what the file stores.
+
+    Raises :class:`ExportError` for never-calibrated quantizers, NaN/zero scales, unsupported layer
+    types, grids the format cannot hold (e.g. 8-bit weights in ``onnx-int4``) and quantizer states
+    whose integer codes do not reproduce their own fake-quantized output.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if activations not in ("uint8", "int8"):
+        raise ExportError(f"activations must be 'uint8' or 'int8', got {activations!r}")
+    plans = []
+    for index, (name, wrapper) in enumerate(find_quantized_layers(model)):
+        layer = wrapper.module
+        if isinstance(layer, nn.Linear):
+            kind = "linear"
+        elif isinstance(layer, nn.Conv2d):
+            kind = "conv2d"
+            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+                raise ExportError(
+                    f"layer {name!r}: Conv2d with padding={layer.padding!r}, padding_mode="
+                    f"{layer.padding_mode!r} is not supported; use explicit zero padding"
+                )
+        else:
+            raise ExportError(
+                f"layer {name!r}: quantized {type(layer).__name__} layers cannot be exported "
+                "(supported: Linear, Conv2d)"
+            )
+        weight = layer.weight.detach().float()
+        bias = None if layer.bias is None else layer.bias.detach().float().cpu().numpy()
+        if bias is not None and not np.all(np.isfinite(bias)):
+            raise ExportError(f"layer {name!r}: its bias holds NaN or inf")
+        if not torch.isfinite(weight).all():
+            raise ExportError(f"layer {name!r}: its weight holds NaN or inf")
+        wq = wrapper.weight_quantizer
+        act_in = act_out = None
+        w_codes = w_scale = w_zp = None
+        weight_bits = None
+        info: dict[str, Any] = {}
+        if fmt != "onnx-fp32":
+            if wrapper.input_quantizer is not None:
+                act_in = _act_grid(wrapper.input_quantizer, "input", name, activations)
+            if wrapper.output_quantizer is not None:
+                act_out = _act_grid(wrapper.output_quantizer, "output", name, activations)
+        if wq is not None and fmt != "onnx-fp32":
+            g = _grid(wq, "weight", name)
+            s, z = _check_scale(g.scale, g.zero_point, "weight", name)
+            with torch.no_grad():
+                try:
+                    codes = wq.quantize_int(weight).detach().cpu().to(torch.int64)
+                except Exception as e:
+                    raise ExportError(f"layer {name!r}: weight quantizer failed to give integer codes ({e})") from e
+                if codes.shape != weight.shape:
+                    raise ExportError(f"layer {name!r}: weight codes have shape {tuple(codes.shape)}, "
+                                      f"expected {tuple(weight.shape)}")
+                if int(codes.min()) < g.qmin or int(codes.max()) > g.qmax:
+                    raise ExportError(f"layer {name!r}: weight codes outside the quantizer's own grid "
+                                      f"[{g.qmin}, {g.qmax}]")
+                deq = g.dequantize(codes).float()
+                sim = wq(weight).detach().float()
+            if not torch.isfinite(deq).all() or not torch.equal(deq, sim):
+                err = float((deq - sim).abs().max()) if deq.shape == sim.shape else float("nan")
+                raise ExportError(
+                    f"layer {name!r}: the weight quantizer's codes do not reproduce its own output "
+                    f"(max difference {err:.3g}); its state is inconsistent, the export would not match "
+                    "the simulation"
+                )
+            if g.axis is not None and s.size > 1 and g.axis != 0:
+                raise ExportError(f"layer {name!r}: per-channel weights must be along the output axis 0, "
+                                  f"got axis {g.axis}")
+            levels = g.qmax - g.qmin + 1
+            weight_bits = _bits_for(levels)
+            lo, hi = (-8, 7) if fmt == "onnx-int4" else (-128, 127)
+            off = _fit_codes(g.qmin, g.qmax, lo, hi)
+            if off is None:
+                hint = ("export with --format onnx-int8, or quantize the weights to 4 bits"
+                        if fmt == "onnx-int4" else "quantize the weights to at most 8 bits")
+                raise ExportError(
+                    f"layer {name!r}: its weights use {weight_bits}-bit codes [{g.qmin}, {g.qmax}], which "
+                    f"{fmt} cannot hold without re-quantizing (lowbit never re-quantizes at export); {hint}"
+                )
+            w_codes = codes.numpy() + off
+            w_zp = z + off
+            if np.any(w_zp < lo) or np.any(w_zp > hi):
+                raise ExportError(f"layer {name!r}: weight zero point {z.ravel()[:3].tolist()} lies outside "
+                                  f"its grid [{g.qmin}, {g.qmax}]")
+            w_scale = s.astype(np.float32)
+            if w_scale.size == 1:
+                w_scale = w_scale.reshape(())
+                w_zp = w_zp.reshape(())
+            elif w_scale.size != weight.shape[0]:
+                raise ExportError(f"layer {name!r}: {w_scale.size} weight scales for {weight.shape[0]} "
+                                  "output channels")
+            w_float = deq.cpu().numpy()
+            info.update(weight_code_min=int(w_codes.min()), weight_code_max=int(w_codes.max()))
+        else:
+            w_float = weight.cpu().numpy()
+        plans.append(LayerPlan(index, name, kind, layer, weight_bits, w_codes, w_scale, w_zp, w_float,
+                               bias, act_in, act_out, info))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------
+# tracing with markers
+# --------------------------------------------------------------------------------------------
+
+
+class _QLayerOp(torch.autograd.Function):
+    """Marks a quantized layer in the traced graph; its value during tracing is the float layer's."""
+
+    @staticmethod
+    def forward(ctx, x, index, out):  # type: ignore[override]
+        return out.clone()
+
+    @staticmethod
+    def symbolic(g, x, index, out):  # type: ignore[override]
+        y = g.op(f"{DOMAIN}::QLayer", x, index_i=index)
+        y.setType(out.type())
+        return y
+
+
+class _Marker(nn.Module):
+    def __init__(self, layer: nn.Module, index: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.index = index
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QLayerOp.apply(x, self.index, self.layer(x))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent = model
+    parts = name.split(".")
+    for p in parts[:-1]:
+        parent = getattr(parent, p)
+    setattr(parent, parts[-1], new)
+
+
+class _VAEDeterministic(nn.Module):
+    """The VAE's inference path: ``z = mu``; outputs ``(logits, mu, logvar)``."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor):
+        mu, logvar = self.vae.encode(x)
+        return self.vae.decode_logits(mu), mu, logvar
+
+
+def _is_vae(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("encode", "decode_logits", "latent", "in_features"))
+
+
+def _trace(model: nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+           dynamic_batch: bool, markers: bool = True) -> "Any":
+    import onnx
+
+    buf = io.BytesIO()
+    dyn = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, args, buf, dynamo=False, opset_version=OPSET, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dyn,
+                              custom_opsets={DOMAIN: 1} if markers else None,
+                              do_constant_folding=True)
+        except Exception as e:
+            raise ExportError(f"torch.onnx.export could not trace the model: {type(e).__name__}: {e}") from e
+    return onnx.load_from_string(buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# int4 packing
+# --------------------------------------------------------------------------------------------
+
+
+def pack_int4(codes: np.ndarray) -> bytes:
+    """Two 4-bit codes per byte, first element in the low nibble (ONNX INT4/UINT4 layout)."""
+    f = (np.asarray(codes).astype(np.int64).ravel() & 0xF).astype(np.uint8)
+    if f.size % 2:
+        f = np.append(f, np.uint8(0))
+    return (f[0::2] | (f[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(data: bytes, n: int, signed: bool = True) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: ``n`` codes as int8 (signed) or uint8."""
+    b = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(b.size * 2, dtype=np.uint8)
+    out[0::2] = b & 0xF
+    out[1::2] = b >> 4
+    out = out[:n]
+    if signed:
+        return ((out.astype(np.int16) ^ 8) - 8).astype(np.int8)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# graph rewriting
+# --------------------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, graph) -> None:
+        self.graph = graph
+        self.nodes: list = []
+        self.inits: list = []
+        self.qdq_cache: dict[tuple, str] = {}
+        self.names = {i.name for i in graph.initializer} | {v.name for v in graph.input}
+        for n in graph.node:
+            self.names.update(n.output)
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def init(self, base: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        name = self.unique(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def init_int4(self, base: str, codes: np.ndarray) -> str:
+        from onnx import TensorProto, helper
+
+        name = self.unique(base)
+        codes = np.asarray(codes)
+        self.inits.append(helper.make_tensor(name, TensorProto.INT4, list(codes.shape), pack_int4(codes), raw=True))
+        return name
+
+    def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
+        from onnx import helper
+
+        out = self.unique(base)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+
+def _qdq_act(b: _Builder, x: str, grid: ActGrid, prefix: str) -> str:
+    # layers reading one tensor on one grid (the VAE's fc21/fc22 after PTQ) share one
+    # QuantizeLinear: half the quantizing work, and ONNX Runtime can then fuse the producer's
+    # ReLU and requantization into its integer GEMM
+    key = (x, grid.scale, grid.zero_point, grid.clip, grid.dtype)
+    if key in b.qdq_cache:
+        return b.qdq_cache[key]
+    out = _qdq_act_new(b, x, grid, prefix)
+    b.qdq_cache[key] = out
+    return out
+
+
+def _qdq_act_new(b: _Builder, x: str, grid: ActGrid, prefix: str) -> str:
+    if grid.clip is not None:
+        lo = b.init(f"{prefix}/clip_lo", np.float32(grid.clip[0]))
+        hi = b.init(f"{prefix}/clip_hi", np.float32(grid.clip[1]))
+        x = b.node("Clip", [x, lo, hi], f"{prefix}/clip")
+    s = b.init(f"{prefix}/scale", np.float32(grid.scale))
+    z = b.init(f"{prefix}/zero_point", (np.uint8 if grid.dtype == "uint8" else np.int8)(grid.zero_point))
+    q = b.node("QuantizeLinear", [x, s, z], f"{prefix}/q")
+    return b.node("DequantizeLinear", [q, s, z], f"{prefix}/dq")
+
+
+def _noop(b: _Builder, x: str, base: str, rank: int | None) -> str:
+    """A copy of ``x`` that ONNX Runtime's optimizer keeps (Flatten for 2-D, Reshape to its own shape)."""
+    if rank == 2:
+        return b.node("Flatten", [x], base, axis=1)
+    shape = b.node("Shape", [x], base + "/shape")
+    return b.node("Reshape", [x, shape], base)
+
+
+def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int | None, fmt: str) -> None:
+    """Append the nodes of one quantized layer: ``x`` (float) -> ``out_name`` (float)."""
+    from onnx import helper
+
+    pre = f"{p.name}"
+    conv = p.kind == "conv2d"
+    int4 = fmt == "onnx-int4"
+    if p.act_in is not None:
+        x = _qdq_act(b, x, p.act_in, f"{pre}/input")
+        if int4 and not conv and p.w_codes is not None:
+            x = _noop(b, x, GUARD_NBITS + pre, rank)
+    # Form: Gemm for int8 Linear on 2-D input (ONNX Runtime fuses DQ-Gemm-Q into QGemm);
+    # MatMul + Add for int4 (ONNX Runtime's 4-bit MatMulNBits needs MatMul) and for N-D input.
+    use_gemm = (not conv) and (not int4) and rank == 2 and p.act_in is not None and p.w_codes is not None
+    weights_first = conv or use_gemm  # weight layout [out, in, ...]; MatMul needs [in, out]
+    if p.w_codes is not None:
+        codes = p.w_codes if weights_first else p.w_codes.T.copy()
+        axis = 0 if weights_first else 1
+        if int4:
+            wq = b.init_int4(f"{pre}/weight_q", codes)
+            wz = b.init_int4(f"{pre}/weight_zero_point", p.w_zero_point)
+        else:
+            wq = b.init(f"{pre}/weight_q", codes.astype(np.int8))
+            wz = b.init(f"{pre}/weight_zero_point", np.asarray(p.w_zero_point).astype(np.int8))
+        ws = b.init(f"{pre}/weight_scale", p.w_scale)
+        w = b.node("DequantizeLinear", [wq, ws, wz], f"{pre}/weight", axis=axis)
+    else:
+        wf = p.w_float if weights_first else p.w_float.T.copy()
+        w = b.init(f"{pre}/weight", wf.astype(np.float32))
+    bias = None
+    if p.bias is not None:
+        if p.act_in is not None and p.w_codes is not None:
+            bscale = (np.float32(p.act_in.scale) * p.w_scale).astype(np.float32)
+            bq = np.rint(p.bias.astype(np.float64) / bscale.astype(np.float64))
+            if np.all(np.abs(bq) < 2**31 - 1):
+                bqn = b.init(f"{pre}/bias_q", bq.astype(np.int32))
+                bsn = b.init(f"{pre}/bias_scale", bscale)
+                bzn = b.init(f"{pre}/bias_zero_point", np.zeros(bscale.shape, np.int32))
+                bias = b.node("DequantizeLinear", [bqn, bsn, bzn], f"{pre}/bias", axis=0)
+        if bias is None:
+            bias = b.init(f"{pre}/bias", p.bias.astype(np.float32))
+    final = out_name if p.act_out is None else b.unique(f"{pre}/raw")
+    if conv:
+        m = p.module
+        pads = [int(v) for v in m.padding] * 2
+        attrs = dict(strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=int(m.groups),
+                     kernel_shape=list(m.kernel_size))
+        b.nodes.append(helper.make_node("Conv", [x, w] + ([bias] if bias else []), [final],
+                                        name=f"{pre}/Conv", **attrs))
+    elif use_gemm:
+        b.nodes.append(helper.make_node("Gemm", [x, w] + ([bias] if bias else []), [final],
+                                        name=f"{pre}/Gemm", transB=1))
+    else:
+        if bias is None:
+            b.nodes.append(helper.make_node("MatMul", [x, w], [final], name=f"{pre}/MatMul"))
+        else:
+            mm = b.node("MatMul", [x, w], f"{pre}/MatMul")
+            b.nodes.append(helper.make_node("Add", [mm, bias], [final], name=f"{pre}/Add"))
+    if p.act_out is not None:
+        y = _qdq_act(b, final, p.act_out, f"{pre}/output")
+        b.nodes.append(helper.make_node("Identity", [y], [out_name], name=f"{pre}/out"))
+
+
+def _ranks(model) -> dict[str, int]:
+    import onnx
+
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
+
+
+def _guard_quantize_inputs(graph, producers_of_interest: set[str], ranks: dict[str, int]) -> None:
+    """ONNX Runtime does not fuse a quantized GEMM whose float output feeds a QuantizeLinear *and*
+    something else (e.g. the VAE's ``mu``: a graph output and fc3's input when z = mu); a no-op
+    ``Flatten``/``Reshape`` between the tensor and the QuantizeLinear keeps both fusions."""
+    from onnx import helper
+
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    outputs = {o.name for o in graph.output}
+    new_nodes = []
+    for n in graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] in producers_of_interest:
+            t = n.input[0]
+            if consumers.get(t, 0) + (t in outputs) > 1:
+                g = GUARD_FANOUT + t
+                if ranks.get(t) == 2:
+                    new_nodes.append(helper.make_node("Flatten", [t], [g], name=g, axis=1))
+                else:
+                    shp = g + "/shape"
+                    new_nodes.append(helper.make_node("Shape", [t], [shp], name=shp))
+                    new_nodes.append(helper.make_node("Reshape", [t, shp], [g], name=g))
+                n.input[0] = g
+        new_nodes.append(n)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
+
+def _rewrite(model, plans: list[LayerPlan], fmt: str):
+    """Replace each ``lowbit::QLayer`` marker by its QDQ subgraph; returns the new ModelProto."""
+    graph = model.graph
+    by_index = {p.index: p for p in plans}
+    ranks = _ranks(model)
+    b = _Builder(graph)
+    new_nodes = []
+    layer_outputs: set[str] = set()
+    seen = set()
+    for n in graph.node:
+        if n.domain == DOMAIN and n.op_type == "QLayer":
+            idx = next(a.i for a in n.attribute if a.name == "index")
+            p = by_index[idx]
+            seen.add(idx)
+            b.nodes = []
+            _rewrite_layer(b, p, n.input[0], n.output[0], ranks.get(n.input[0]), fmt)
+            new_nodes.extend(b.nodes)
+            if p.act_out is None:
+                layer_outputs.add(n.output[0])
+        else:
+            new_nodes.append(n)
+    missing = set(by_index) - seen
+    if missing:
+        names = [by_index[i].name for i in sorted(missing)]
+        raise ExportError(f"quantized layers {names} are not on the traced path of the model's forward")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(b.inits)
+    _guard_quantize_inputs(graph, layer_outputs, ranks)
+    # drop initializers nothing reads any more (the float weights of the traced markers)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    # opset: only the default domain is left
+    ops = [o for o in model.opset_import if o.domain not in (DOMAIN,)]
+    del model.opset_import[:]
+    model.opset_import.extend(ops)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, OPSET)
+    if model.ir_version < 10:
+        model.ir_version = 10
+    del model.graph.value_info[:]
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# the public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _default_inputs(model: nn.Module, vae_graph: str, batch: int = 2):
+    if not _is_vae(model):
+        return None
+    x = torch.rand(batch, model.in_features)
+    if vae_graph == "eps":
+        return (model, (x, torch.randn(batch, model.latent)), ["x", "eps"], ["logits", "mu", "logvar"])
+    if vae_graph == "deterministic":
+        return (_VAEDeterministic(model), (x,), ["x"], ["logits", "mu", "logvar"])
+    raise ExportError(f"vae_graph must be 'eps' or 'deterministic', got {vae_graph!r}")
+
+
+def export_onnx_bytes(
+    model: nn.Module,
+    format: str = "onnx-int8",
+    *,
+    example_inputs: Sequence[Tensor] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    vae_graph: str = "deterministic",
+    dynamic_batch: bool = True,
+    activations: str = "uint8",
+) -> bytes:
+    """The serialized ONNX model (see :func:`export`); nothing is written."""
+    import onnx
+
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    plans = plan_layers(model, format, activations)
+    work = copy.deepcopy(model).cpu().float().eval()
+    for p, (name, wrapper) in zip(plans, find_quantized_layers(work)):
+        layer = wrapper.module
+        if format == "onnx-fp32":
+            _replace(work, name, layer)  # the float layer, quantizers dropped
+        else:
+            _replace(work, name, _Marker(layer, p.index))
+    if example_inputs is None:
+        d = _default_inputs(work, vae_graph)
+        if d is None:
+            raise ExportError("example_inputs are needed to trace a model that is not a lowbit VAE")
+        traced, args, in_names, out_names = d
+    else:
+        traced, args = work, tuple(example_inputs)
+        in_names = list(input_names or [f"input{i}" if i else "x" for i in range(len(args))])
+        out_names = list(output_names or [])
+        if not out_names:
+            with torch.no_grad():
+                out = work(*args)
+            k = len(out) if isinstance(out, (tuple, list)) else 1
+            out_names = [f"output{i}" for i in range(k)]
+    onnx_model = _trace(traced, args, list(in_names), list(out_names), dynamic_batch,
+                        markers=format != "onnx-fp32" and bool(plans))
+    if format != "onnx-fp32":
+        onnx_model = _rewrite(onnx_model, plans, format)
+    meta = {
+        "lowbit.format": format,
+        "lowbit.graph": vae_graph if example_inputs is None else "custom",
+        "lowbit.activations": activations,
+        "lowbit.layers": json.dumps([
+            {"name": p.name, "kind": p.kind, "weight_bits": p.weight_bits,
+             "input_quantized": p.act_in is not None, "output_quantized": p.act_out is not None,
+             **p.info} for p in plans]),
+    }
+    try:
+        from .. import __version__
+
+        meta["lowbit.version"] = __version__
+    except Exception:
+        pass
+    onnx_model.producer_name = "lowbit"
+    for k, v in meta.items():
+        e = onnx_model.metadata_props.add()
+        e.key, e.value = k, v
+    try:
+        onnx.checker.check_model(onnx_model, full_check=True)
+    except Exception as e:
+        raise ExportError(f"the exported graph failed ONNX's checker: {e}") from e
+    return onnx_model.SerializeToString()
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "onnx-int8",
+    *,
+    example_inputs: Sequence[Tensor] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    vae_graph: str = "deterministic",
+    dynamic_batch: bool = True,
+    activations: str = "uint8",
+) -> Path:
+    """Write ``model`` (quantized by any lowbit method) as a QDQ ONNX file and return its path.
+
+    Args:
+        format: ``onnx-int8`` (int8 weights), ``onnx-int4`` (int4 weights packed two per byte,
+            opset 21; activations stay 8-bit: no runtime has 4-bit activation kernels) or
+            ``onnx-fp32`` (the float model, quantizers dropped: the deployment baseline).
+        example_inputs: tensors to trace ``model(*example_inputs)`` with; not needed for a lowbit VAE.
+        vae_graph: for a VAE, ``"deterministic"`` (input ``x`` (B, 784); z = mu) or ``"eps"``
+            (inputs ``x``, ``eps`` (B, latent); z = mu + exp(logvar/2) * eps, so the test loss of
+            the deployed model can be computed exactly as in training).  Both output
+            ``(logits, mu, logvar)``.
+        dynamic_batch: the first axis of every input and output is symbolic.
+        activations: stored type of activation codes.  ``"uint8"`` (default): what ONNX Runtime's
+            x86 integer kernels take (u8 x s8); a signed grid is shifted by 128, exactly.
+            ``"int8"``: for runtimes that want signed activations (TensorRT, which also needs
+            zero points of 0, i.e. symmetric activation grids).
+
+    Raises:
+        ExportError: the model cannot be exported faithfully (never calibrated, NaN scales,
+            unsupported layer, grid too wide for the format, ...); nothing is written then.
+    """
+    data = export_onnx_bytes(model, format, example_inputs=example_inputs, input_names=input_names,
+                             output_names=output_names, vae_graph=vae_graph, dynamic_batch=dynamic_batch,
+                             activations=activations)
+    return _atomic_write(Path(path), data)
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    import tempfile
+
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create folder {folder}: {e.strerror or e}") from e
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder; give a file name such as model.onnx")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
