@@ -15,3 +15,7 @@ __version__ = "0.1.0"
 from .models import VAE, build_model  # noqa: E402
 
 __all__ = ["__version__", "VAE", "build_model"]
+
+from . import export  # noqa: E402  (a callable module: lowbit.export(model, path, format="onnx-int8"))
+
+__all__ += ["export"]
