@@ -308,8 +308,8 @@ def _torch_threads(n: int):
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured round-robin ``repeats`` times (``inner`` calls
-    per measurement, each call timed on its own)."""
+    """Seconds per call of each function, measured round-robin ``repeats`` times: each round runs
+    ``inner`` calls of every function in turn, each call timed on its own."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for f in fns.values():  # warm-up (allocations, prepacking, caches)
         f()
@@ -502,7 +502,7 @@ def bench_model(
     data_dir=None,
     batch_size: int = 10_000,
     repeats: int = 5,
-    latency_iters: int = 200,
+    latency_iters: int = 500,
     threads: int = 1,
     precision: str = "auto",
     native_int4: bool = True,
@@ -600,6 +600,9 @@ def bench_model(
         if _quant_layers(m4):
             files["int4"], err = do_export(m4, "onnx-int4", "int4")
             if err:
+                if "cannot hold without re-quantizing" in err:
+                    err = ("the run's weights are wider than 4 bits and lowbit never re-quantizes at export; "
+                           "bench a run quantized to <= 4-bit weights (int4_run_dir / --int4-run)")
                 rows.append(BenchRow(ORT_INT4, "onnxruntime", skipped=err))
             else:
                 s = load_session(files["int4"], threads=threads, precision=precision, int4="unpack")
@@ -630,7 +633,10 @@ def bench_model(
         # timings: interleaved, medians
         with _torch_threads(threads):
             tb = _interleaved({k: v[0] for k, v in runners.items()}, repeats)
-            t1 = _interleaved({k: v[1] for k, v in runners.items()}, repeats, latency_iters)
+            # batch 1: short bursts (steady state per model) over many rounds, so that load from
+            # other processes lands on every row alike
+            chunk = min(25, latency_iters)
+            t1 = _interleaved({k: v[1] for k, v in runners.items()}, math.ceil(latency_iters / chunk), chunk)
         for r in rows:
             if r.name in tb:
                 r.batch_seconds = statistics.median(tb[r.name])
@@ -673,7 +679,7 @@ def bench_run(
     data_dir=None,
     batch_size: int = 10_000,
     repeats: int = 5,
-    latency_iters: int = 200,
+    latency_iters: int = 500,
     threads: int = 1,
     precision: str = "auto",
     gpu: bool = True,
