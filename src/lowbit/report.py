@@ -95,7 +95,9 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         row["train_seconds"] = paired_stats([rec["train"]["seconds"] for _, rec in runs]) if runs[0][1]["train"] else None
         row["eval_seconds"] = paired_stats([rec["after"]["eval_seconds_median3"] for _, rec in runs])
         row["size"] = runs[0][1]["size_after"]
-        if control and cell is not control and cell["kind"] != "baseline":
+        if runs[0][1]["before"] is not None:  # after - the fp32 model it started from, per seed
+            row["vs_start"] = paired_stats([rec["after"]["loss"] - rec["before"]["loss"] for _, rec in runs])
+        if control and cell is not control and cell["kind"] == "quantized":
             diffs = [rec["after"]["loss"] - control["runs"][s]["after"]["loss"]
                      for s, rec in runs if s in control["runs"]]
             row["vs_control"] = paired_stats(diffs) if diffs else None
@@ -143,7 +145,11 @@ def _summary_text(summary: dict, has_control: bool, has_baseline: bool) -> list[
             if diffs:
                 lo, hi = min(diffs), max(diffs)
                 lines.append(f"Against the equal-budget fp32 control ({control['loss']['mean']:.2f} nats), the "
-                             f"{bits}-bit runs differ by {lo[0]:+.2f} ({lo[1]}) to {hi[0]:+.2f} ({hi[1]}) nats.")
+                             f"fine-tuned {bits}-bit runs differ by {lo[0]:+.2f} ({lo[1]}) to {hi[0]:+.2f} ({hi[1]}) nats.")
+    for c in summary["cells"]:
+        if c["kind"] == "ptq" and c.get("vs_start"):
+            lines.append(f"PTQ at {c['bits']} bits (no training) costs {c['vs_start']['mean']:+.2f} nats against the "
+                         f"fp32 model it quantizes.")
     return lines
 
 
@@ -168,10 +174,11 @@ def print_summary_table(summary: dict, console: Console | None = None) -> None:
     """The terminal's closing table: each cell's loss, IWAE and difference to the fp32 control."""
     console = console or Console()
     table = Table(title=f"lowbit study ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''})")
-    for col in ("run", "bits", "test loss", "IWAE NLL", "Δ vs fp32 control"):
+    for col in ("run", "bits", "test loss", "IWAE NLL", "Δ vs fp32 control", "Δ vs its fp32 start"):
         table.add_column(col, justify="right" if col != "run" else "left")
     for c in summary["cells"]:
-        table.add_row(c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")))
+        table.add_row(c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
+                      _diff(c.get("vs_start")))
     console.print(table)
     for line in summary["text"]:
         console.print(line.replace("**", ""))
@@ -309,9 +316,10 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
            "Here every run is also compared with an fp32 model trained the same extra epochs from the same "
            "baseline. Δ = loss − control loss per seed; with 2+ seeds, [95% CI] and * when the interval "
            "excludes 0 (the difference is larger than the seed-to-seed noise).", ""]
-    rows = [[c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")), str(c["n"])]
-            for c in summary["cells"]]
-    md.append(_md_table(["run", "bits", "test loss (mean ± std)", "IWAE NLL", "Δ vs control", "seeds"], rows))
+    rows = [[c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
+             _diff(c.get("vs_start")), str(c["n"])] for c in summary["cells"]]
+    md.append(_md_table(["run", "bits", "test loss (mean ± std)", "IWAE NLL", "Δ vs control",
+                         "Δ vs its fp32 start", "seeds"], rows))
 
     if summary["best"]:
         md += ["", "## Best method per bit width", ""]
