@@ -220,6 +220,14 @@ def _drop_nodes(proto, pred) -> None:
     proto.graph.node.extend(keep)
 
 
+def _through_noops(producers: dict, name: str):
+    """The node producing ``name``, looking through Flatten/Reshape (lowbit's guards)."""
+    a = producers.get(name)
+    while a is not None and a.op_type in ("Flatten", "Reshape"):
+        a = producers.get(a.input[0])
+    return a
+
+
 def _fold_weight_only(proto) -> int:
     """Float weights for DequantizeLinear(int initializer) nodes whose consumer takes a float
     (not DequantizeLinear'd) activation: those layers compute in float in the simulation too."""
@@ -243,7 +251,7 @@ def _fold_weight_only(proto) -> int:
             continue
         if not all(len(u.input) > 1 and u.input[1] == n.output[0] for u in users):
             continue
-        acts = [producers.get(u.input[0]) for u in users]
+        acts = [_through_noops(producers, u.input[0]) for u in users]
         if any(a is not None and a.op_type == "DequantizeLinear" for a in acts):
             continue  # an integer layer: leave it to the QDQ fusion
         q = _to_array(ints[n.input[0]]).astype(np.int64)
@@ -284,9 +292,7 @@ def _max_weight_code(proto) -> int:
             continue
         for u in consumers.get(n.output[0], []):
             if u.op_type in ("MatMul", "Gemm", "Conv") and len(u.input) > 1 and u.input[1] == n.output[0]:
-                a = producers.get(u.input[0])
-                while a is not None and a.op_type in ("Flatten", "Reshape"):
-                    a = producers.get(a.input[0])
+                a = _through_noops(producers, u.input[0])
                 if a is not None and a.op_type == "DequantizeLinear":
                     q = _to_array(ints[n.input[0]]).astype(np.int64)
                     if q.dtype.kind == "i" and ints[n.input[0]].data_type in (3, 22):  # INT8, INT4

@@ -1,0 +1,371 @@
+"""QDQ ONNX export: integer initializers, ONNX Runtime's fused integer kernels, parity with the
+simulated model, packed int4, refusals of bad states, run-directory export."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from torch import nn
+
+import lowbit
+from lowbit.export import ExportError, eps_path, export_run
+from lowbit.export import onnx as lo
+from lowbit.export import runtime as rt
+from lowbit.models.vae import VAE, eval_eps, vae_loss
+
+FLOAT_GEMMS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "Conv", "FusedConv"}
+
+
+def _cfg(bits_in: int | None, bits_w: int, op_types=("Linear",), **extra) -> list[dict]:
+    types = (["input"] if bits_in else []) + ["weight"]
+    bits = {"weight": bits_w, **({"input": bits_in} if bits_in else {})}
+    return [{"quant_types": types, "quant_bits": bits, "op_types": list(op_types), **extra}]
+
+
+def _images(n: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(8, 784, generator=g)
+    idx = torch.randint(0, 8, (n,), generator=g)
+    return (base[idx] * 0.8 + 0.2 * torch.rand(n, 784, generator=g)).clamp(0, 1)
+
+
+def _vae(bits_in=8, bits_w=8, method="ptq", seed=0, **opts) -> VAE:
+    torch.manual_seed(seed)
+    m = VAE()
+    lowbit.quantize(m, _cfg(bits_in, bits_w), method, **opts)
+    x = _images(512, seed + 1)
+    lowbit.calibrate(m, [x], forward=lambda mm, b: mm(b, torch.zeros(len(b), mm.latent)))
+    return m.eval()
+
+
+def _sim(model: VAE, x: torch.Tensor, eps: torch.Tensor):
+    with torch.no_grad():
+        return [t.numpy() for t in model(x, eps)]
+
+
+def _loss(outs, x) -> float:
+    logits, mu, logvar = (torch.from_numpy(o) for o in outs[:3])
+    return float(vae_loss(logits, x, mu, logvar).total.double()) / len(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# int8: graph, fusion, parity
+# ------------------------------------------------------------------------------------------------
+
+
+def test_int8_vae_integer_initializers_and_fused_integer_kernels(tmp_path):
+    m = _vae(8, 8)
+    path = lowbit.export(m, tmp_path / "vae.onnx", format="onnx-int8", vae_graph="eps")
+    proto = onnx.load(path)
+    weights = [i for i in proto.graph.initializer if i.name.endswith("/weight_q")]
+    assert len(weights) == 5 and all(w.data_type == TensorProto.INT8 for w in weights)
+    assert not [i for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and not any(n.domain == "lowbit" for n in proto.graph.node)
+    # what ONNX Runtime really runs: one integer GEMM per layer, no float GEMM left
+    counts = rt.op_type_counts(path)
+    assert counts["QGemm"] == 5, counts
+    assert not FLOAT_GEMMS & set(counts), counts
+
+
+def test_int8_deterministic_graph_also_fuses_every_layer(tmp_path):
+    """z = mu: fc21's output is a graph output *and* fc3's input; a guard keeps both fusions."""
+    m = _vae(8, 8)
+    path = lowbit.export(m, tmp_path / "vae.onnx", vae_graph="deterministic")
+    proto = onnx.load(path)
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert [o.name for o in proto.graph.output] == ["logits", "mu", "logvar"]
+    counts = rt.op_type_counts(path)
+    assert counts["QGemm"] == 5 and not FLOAT_GEMMS & set(counts), counts
+    x = _images(64, 5)
+    out = rt.load_session(path, precision="exact").run(x.numpy())
+    with torch.no_grad():
+        mu, logvar = m.encode(x)
+        ref = [m.decode_logits(mu).numpy(), mu.numpy(), logvar.numpy()]
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("method,opts", [("ptq", {}), ("qat", {}), ("lsq", {}), ("ptq", {"weight_range": "reduced"}),
+                                         ("ptq", {"granularity": "per_channel"})])
+def test_int8_parity_with_simulation(tmp_path, method, opts):
+    extra = {}
+    if "granularity" in opts:
+        extra = {"granularity": {"weight": opts.pop("granularity")}}
+    torch.manual_seed(0)
+    m = VAE()
+    lowbit.quantize(m, _cfg(8, 8, **extra), method, **opts)
+    x = _images(512, 1)
+    if method == "ptq":
+        lowbit.calibrate(m, [x], forward=lambda mm, b: mm(b, torch.zeros(len(b), mm.latent)))
+    else:  # a few training steps so the quantizers' states are trained ones
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        m.train()
+        for i in range(5):
+            xb = x[i * 64:(i + 1) * 64]
+            logits, mu, logvar = m(xb)
+            loss = vae_loss(logits, xb, mu, logvar).total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    path = lowbit.export(m, tmp_path / "vae.onnx", vae_graph="eps")
+    xt = _images(300, 7)
+    eps = eval_eps(300, m.latent, 0)
+    sim = _sim(m, xt, eps)
+    sess = rt.load_session(path, precision="exact")
+    out = sess.run(xt.numpy(), eps.numpy())
+    assert abs(_loss(out, xt) - _loss(sim, xt)) < 0.01
+    assert abs(rt.vae_test_loss(sess, xt.numpy(), eps.numpy()) - _loss(sim, xt)) < 0.01
+    # nearly every output element is the simulation's, up to float32 summation order
+    close = np.isclose(out[0], sim[0], atol=1e-3, rtol=1e-4).mean()
+    assert close > 0.995
+
+
+def test_signed_and_narrow_activation_grids_and_output_quantizer(tmp_path):
+    """Signed input codes are shifted to uint8 exactly; a 4-bit input grid gets its own clipping;
+    an output quantizer adds its QDQ pair."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
+    cfg = [
+        {"quant_types": ["input", "weight"], "quant_bits": {"input": 8, "weight": 8}, "op_names": ["0"],
+         "quant_dtype": {"input": "int", "weight": "int"}, "quant_scheme": {"input": "symmetric", "weight": "symmetric"}},
+        {"quant_types": ["input", "weight", "output"], "quant_bits": {"input": 4, "weight": 4, "output": 8},
+         "op_names": ["2"]},
+        {"quant_types": ["input", "weight"], "quant_bits": 8, "op_names": ["4"]},
+    ]
+    lowbit.quantize(model, cfg, "ptq")
+    x = torch.randn(256, 12)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    assert model[0].input_quantizer.grid().qmin < 0  # a signed grid really is exercised
+    for fmt in ("onnx-int8", "onnx-int4"):
+        if fmt == "onnx-int4":
+            with pytest.raises(ExportError, match="re-quantiz"):
+                lowbit.export(model, tmp_path / "m4.onnx", fmt, example_inputs=(x,))
+            continue
+        path = lowbit.export(model, tmp_path / "m.onnx", fmt, example_inputs=(x,))
+        proto = onnx.load(path)
+        assert any(n.op_type == "Clip" for n in proto.graph.node)
+        q_zero_points = [i for i in proto.graph.initializer if i.name.endswith("/zero_point")]
+        assert all(i.data_type == TensorProto.UINT8 for i in q_zero_points)
+        xt = torch.randn(500, 12) * 1.5  # also outside the calibrated range: clipping must match
+        out = rt.load_session(path, precision="exact").run(xt.numpy())[0]
+        with torch.no_grad():
+            ref = model(xt).numpy()
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
+
+
+def test_layers_left_float_stay_float(tmp_path):
+    m = VAE()
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_names": ["fc1", "fc21", "fc22", "fc3"]}],
+                    "ptq")
+    lowbit.calibrate(m, [_images(256)], forward=lambda mm, b: mm(b, torch.zeros(len(b), mm.latent)))
+    m.eval()
+    path = lowbit.export(m, tmp_path / "vae.onnx", vae_graph="eps")
+    proto = onnx.load(path)
+    floats = [i for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    assert [tuple(f.dims) for f in floats] == [(784, 400)]  # fc4's float weight, as torch exports it
+    counts = rt.op_type_counts(path)
+    assert counts["QGemm"] == 4 and counts["Gemm"] + counts["FusedGemm"] == 1, counts
+    x, eps = _images(200, 3), eval_eps(200, 20)
+    out = rt.load_session(path, precision="exact").run(x.numpy(), eps.numpy())
+    assert abs(_loss(out, x) - _loss(_sim(m, x, eps), x)) < 0.01
+
+
+def test_saturation_policy(tmp_path, monkeypatch):
+    full, reduced = _vae(8, 8), _vae(8, 8, weight_range="reduced")
+    p_full = lowbit.export(full, tmp_path / "full.onnx", vae_graph="eps")
+    p_red = lowbit.export(reduced, tmp_path / "red.onnx", vae_graph="eps")
+    meta = rt.lowbit_metadata(onnx.load(p_red))
+    assert max(abs(layer["weight_code_min"]) for layer in meta["lowbit.layers"]) <= rt.SATURATION_FREE_CODE
+    monkeypatch.setattr(rt, "u8s8_can_saturate", lambda: True)  # an AVX2 CPU without VNNI
+    assert rt.load_session(p_full).info.int8_kernel.startswith("u8u8")
+    assert rt.load_session(p_red).info.int8_kernel == "u8s8"
+    assert rt.load_session(p_full, precision="fast").info.int8_kernel == "u8s8"
+    monkeypatch.setattr(rt, "u8s8_can_saturate", lambda: False)  # VNNI, ARM: nothing to avoid
+    assert rt.load_session(p_full).info.int8_kernel in ("u8s8", "int8 (platform kernel)")
+    assert rt.load_session(p_full, precision="exact").info.int8_kernel.startswith("u8u8")
+
+
+def test_cpu_features_shape():
+    f = rt.cpu_features()
+    assert {"arch", "x86", "vnni", "avx2", "cores"} <= set(f)
+    assert isinstance(rt.u8s8_can_saturate(), bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# int4
+# ------------------------------------------------------------------------------------------------
+
+
+def test_int4_pack_roundtrip():
+    codes = np.array([-8, -1, 0, 7, 3, -5, 1], dtype=np.int64)
+    packed = lo.pack_int4(codes)
+    assert len(packed) == 4
+    np.testing.assert_array_equal(lo.unpack_int4(packed, codes.size), codes)
+    u = np.array([0, 15, 9, 4])
+    np.testing.assert_array_equal(lo.unpack_int4(lo.pack_int4(u), 4, signed=False), u)
+
+
+@pytest.mark.parametrize("bits_in", [8, 4])
+def test_int4_vae_packed_weights_smaller_and_exact(tmp_path, bits_in):
+    m = _vae(bits_in, 4)
+    p4 = lowbit.export(m, tmp_path / "vae4.onnx", "onnx-int4", vae_graph="eps")
+    p8 = lowbit.export(m, tmp_path / "vae8.onnx", "onnx-int8", vae_graph="eps")
+    pf = lowbit.export(m, tmp_path / "vae32.onnx", "onnx-fp32", vae_graph="eps")
+    proto = onnx.load(p4)
+    assert proto.opset_import[0].version >= 21
+    w = [i for i in proto.graph.initializer if i.name.endswith("/weight_q")]
+    assert len(w) == 5 and all(i.data_type == TensorProto.INT4 for i in w)
+    n_params = sum(int(np.prod(i.dims)) for i in w)
+    assert sum(len(i.raw_data) for i in w) <= math.ceil(n_params / 2) + 5  # two codes per byte
+    size4, size8, size32 = (os.path.getsize(p) for p in (p4, p8, pf))
+    assert size4 <= 0.17 * size32 and size8 <= 0.27 * size32
+    x, eps = _images(300, 9), eval_eps(300, 20)
+    sim = _loss(_sim(m, x, eps), x)
+    unpacked = rt.load_session(p4)  # widened to int8 at load: ORT's integer GEMM, exact numerics
+    assert any("int4" in t for t in unpacked.info.transforms)
+    assert abs(_loss(unpacked.run(x.numpy(), eps.numpy()), x) - sim) < 0.01
+    counts = rt.op_type_counts(p4)
+    assert counts["MatMulIntegerToFloat"] + counts["QGemm"] == 5 and not FLOAT_GEMMS & set(counts), counts
+    native = rt.load_session(p4, int4="native")  # ONNX Runtime as-is: its 4-bit kernel
+    assert abs(_loss(native.run(x.numpy(), eps.numpy()), x) - sim) < 0.3
+    if bits_in == 8:
+        assert rt.op_type_counts(p4, int4="native")["MatMulNBits"] >= 4
+
+
+def test_weight_only_layers(tmp_path):
+    """DoReFa's config quantizes weights only: integer weights in the file, float compute (as in
+    the simulation) when lowbit's runtime loads it."""
+    torch.manual_seed(0)
+    m = VAE()
+    lowbit.quantize(m, _cfg(None, 4), "dorefa")
+    m.eval()
+    p4 = lowbit.export(m, tmp_path / "w4.onnx", "onnx-int4", vae_graph="eps")
+    pf = lowbit.export(m, tmp_path / "f.onnx", "onnx-fp32", vae_graph="eps")
+    assert os.path.getsize(p4) < 0.2 * os.path.getsize(pf)
+    x, eps = _images(200, 2), eval_eps(200, 20)
+    s = rt.load_session(p4)
+    assert any("weight-only" in t for t in s.info.transforms) and s.info.int8_kernel == "n/a"
+    out = s.run(x.numpy(), eps.numpy())
+    for a, b in zip(out, _sim(m, x, eps)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_conv2d_exports_to_integer_conv(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(),
+                          nn.Linear(4 * 13 * 13, 10))
+    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d", "Linear")), "ptq", weight_range="reduced")
+    x = torch.rand(32, 1, 28, 28)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(x,))
+    counts = rt.op_type_counts(path)
+    assert counts["QLinearConv"] == 2, counts
+    xt = torch.rand(16, 1, 28, 28)
+    out = rt.load_session(path).run(xt.numpy())[0]
+    with torch.no_grad():
+        ref = model(xt).numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-3, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals: nothing half-written
+# ------------------------------------------------------------------------------------------------
+
+
+def test_never_calibrated_is_refused_and_nothing_written(tmp_path):
+    m = VAE()
+    lowbit.quantize(m, _cfg(8, 8), "ptq")
+    out = tmp_path / "sub" / "vae.onnx"
+    with pytest.raises(ExportError, match="never calibrated"):
+        lowbit.export(m, out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_nan_scale_is_refused_and_existing_file_kept(tmp_path):
+    m = _vae(8, 8)
+    m.fc3.input_quantizer.scale.fill_(float("nan"))
+    out = tmp_path / "vae.onnx"
+    out.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="fc3.*scale"):
+        lowbit.export(m, out)
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae.onnx"]
+
+
+def test_unsupported_layer_type_is_refused(tmp_path):
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 6, 3))
+    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv1d", "Linear")), "ptq")
+    x = torch.randn(8, 2, 8)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    with pytest.raises(ExportError, match="Conv1d"):
+        lowbit.export(model, tmp_path / "m.onnx", example_inputs=(x,))
+    assert not list(tmp_path.iterdir())
+
+
+def test_int4_refuses_8bit_weights_and_unknown_format(tmp_path):
+    m = _vae(8, 8)
+    with pytest.raises(ExportError, match="8-bit codes.*re-quantiz"):
+        lowbit.export(m, tmp_path / "a.onnx", "onnx-int4")
+    with pytest.raises(ExportError, match="unknown format"):
+        lowbit.export(m, tmp_path / "a.onnx", "tflite")
+    assert not list(tmp_path.iterdir())
+
+
+def test_inconsistent_weight_quantizer_is_refused(tmp_path):
+    m = _vae(8, 8)
+    wq = m.fc1.weight_quantizer
+    wq.quantize_int = lambda w: torch.zeros_like(w, dtype=torch.int64)  # codes that do not match forward
+    with pytest.raises(ExportError, match="do not reproduce"):
+        lowbit.export(m, tmp_path / "a.onnx")
+
+
+# ------------------------------------------------------------------------------------------------
+# run directories and the module's API
+# ------------------------------------------------------------------------------------------------
+
+
+def test_export_run_writes_both_vae_graphs(tmp_path):
+    from lowbit.checkpoint import save_run
+
+    m = _vae(8, 8)
+    run = tmp_path / "run"
+    cfg = _cfg(8, 8)
+    save_run(run, m, model_spec={"name": "vae", "kwargs": {}}, quant={"method": "ptq", "config_list": cfg, "options": {}})
+    out = export_run(run, tmp_path / "out" / "vae.onnx", "onnx-int8")
+    assert out == tmp_path / "out" / "vae.onnx" and out.is_file()
+    assert eps_path(out) == tmp_path / "out" / "vae.eps.onnx" and eps_path(out).is_file()
+    assert [i.name for i in onnx.load(eps_path(out)).graph.input] == ["x", "eps"]
+    x, eps = _images(100, 4), eval_eps(100, 20)
+    got = rt.vae_test_loss(rt.load_session(eps_path(out), precision="exact"), x.numpy(), eps.numpy())
+    assert abs(got - _loss(_sim(m, x, eps), x)) < 0.01
+    with pytest.raises(ExportError, match="8-bit"):
+        export_run(run, tmp_path / "out4" / "vae.onnx", "onnx-int4")
+    assert not (tmp_path / "out4" / "vae.onnx").exists() and not (tmp_path / "out4" / "vae.eps.onnx").exists()
+
+
+def test_fp32_format_of_an_unquantized_model(tmp_path):
+    torch.manual_seed(0)
+    m = VAE().eval()
+    path = lowbit.export(m, tmp_path / "f.onnx", "onnx-fp32", vae_graph="eps")
+    x, eps = _images(50), eval_eps(50, 20)
+    out = rt.load_session(path).run(x.numpy(), eps.numpy())
+    for a, b in zip(out, _sim(m, x, eps)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_lowbit_export_is_callable_module():
+    import lowbit.export as ex
+
+    assert callable(lowbit.export) and lowbit.export is ex and callable(ex.export_run)
