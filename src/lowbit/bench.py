@@ -724,7 +724,8 @@ def bench_cli(args) -> BenchResult:
     return result
 
 
-def study_deployment(cfg, plan, records, out: Path, test) -> dict | None:
+def study_deployment(cfg, plan, records, out: Path, test, *, repeats: int = 3, latency_iters: int = 300,
+                     gpu: bool = True) -> dict | None:
     """The study report's "real deployment" table: the first seed's 8-bit run (one with quantized
     inputs: LSQ, QAT or PTQ) exported to int8, its 4-bit counterpart to int4, benchmarked."""
     from .checkpoint import write_json
@@ -741,7 +742,7 @@ def study_deployment(cfg, plan, records, out: Path, test) -> dict | None:
     if base is None:
         return None
     result = bench_run(Path(out) / base.folder, int4_run_dir=(Path(out) / r4.folder) if (r4 and r8) else None,
-                       images=test.images, repeats=3, latency_iters=100)
+                       images=test.images, repeats=repeats, latency_iters=latency_iters, gpu=gpu)
     write_json(Path(out) / "deployment.json", result.to_dict())
     md = (f"int8 from `{base.folder}`" + (f", int4 from `{r4.folder}`" if (r4 and r8) else "") + ". "
           + result.to_markdown())
