@@ -371,3 +371,49 @@ def test_lowbit_export_is_callable_module():
     import lowbit.export as ex
 
     assert callable(lowbit.export) and lowbit.export is ex and callable(ex.export_run)
+
+
+# ------------------------------------------------------------------------------------------------
+# real MNIST (slow): the deployed VAE's test loss against the simulated one's
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_mnist_vae_deployed_loss_matches_simulation(mnist, tmp_path):
+    """Train the VAE briefly, quantize W8A8 on all five layers (7-bit weight range, so the fast
+    u8 x s8 kernel is exact on every CPU) and W4A8, fine-tune with QAT, export, and compare the
+    test loss ONNX Runtime gives on the 10,000 test images with the simulation's."""
+    from lowbit.train import evaluate, fit
+
+    train, test = mnist
+    torch.manual_seed(0)
+    base = VAE()
+    fit(base, train.images[:30000], epochs=1, progress=False)
+    x = test.images.reshape(len(test.images), -1).numpy()
+    eps = eval_eps(len(x), 20, 0).numpy()
+    cases = ((8, "onnx-int8", 0.05, {"weight_range": "reduced"}, {}), (4, "onnx-int4", 0.3, {}, {}),
+             (8, "onnx-int8", 0.05, {}, {"granularity": {"weight": "per_channel"}}))
+    for bits_w, fmt, tol, opts, extra in cases:
+        m = VAE()
+        m.load_state_dict(base.state_dict())
+        opt = torch.optim.Adam(m.parameters(), 1e-3)
+        lowbit.quantize(m, _cfg(8, bits_w, **extra), "qat", optimizer=opt, **opts)
+        fit(m, train.images[:6000], epochs=1, optimizer=opt, progress=False)
+        sim = evaluate(m, test.images, iwae_k=0).loss
+        path = lowbit.export(m, tmp_path / f"vae{bits_w}.onnx", fmt, vae_graph="eps")
+        sess = rt.load_session(path)
+        deployed = rt.vae_test_loss(sess, x, eps)
+        fast = rt.vae_test_loss(rt.load_session(path, precision="fast"), x, eps)
+        print(f"\n{fmt} W{bits_w}A8 {opts or extra}: simulated {sim:.4f}, deployed {deployed:.4f} "
+              f"({sess.info.int8_kernel}), u8s8 forced {fast:.4f}")
+        assert abs(deployed - sim) < tol, (fmt, deployed, sim)
+        counts = rt.op_type_counts(path)
+        assert not FLOAT_GEMMS & set(counts), counts
+        if fmt == "onnx-int8":
+            assert counts["QGemm"] == 5
+        if opts.get("weight_range") == "reduced" or bits_w == 4:
+            # codes within 7 bits: the fast u8 x s8 kernel cannot saturate, auto keeps it
+            assert sess.info.int8_kernel != "u8u8 (x64quantprecision)" and abs(fast - sim) < tol
+        elif rt.u8s8_can_saturate():
+            # full 8-bit per-channel weights on a CPU without VNNI: auto switches to u8 x u8
+            assert sess.info.int8_kernel.startswith("u8u8")
