@@ -16,6 +16,10 @@ from .models import VAE, build_model  # noqa: E402
 
 __all__ = ["__version__", "VAE", "build_model"]
 
+from .quantize import calibrate, calibration_config, fold, load_calibration_config, quantize, quantizer_parameters  # noqa: E402
+
+__all__ += ["quantize", "calibration_config", "fold", "calibrate", "load_calibration_config", "quantizer_parameters"]
+
 from . import export  # noqa: E402  (a callable module: lowbit.export(model, path, format="onnx-int8"))
 
 __all__ += ["export"]

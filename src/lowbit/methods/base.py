@@ -1,0 +1,513 @@
+"""The interface every method implements, the method registry, and the range-tracking quantizer
+that QAT and PTQ share.
+
+A *method* (:class:`Method` subclass, registered by name) declares what it can quantize and the
+config keys it accepts, and builds one :class:`Quantizer` per quantized tensor of a layer.  A
+*quantizer* is an ``nn.Module``::
+
+    forward(x) -> fake-quantized x            (deterministic in eval mode)
+    grid() -> AffineGrid                      (raises NotCalibratedError before it has one)
+    quantize_int(x) -> int64 codes            (grid().dequantize(codes) == forward(x) in eval mode)
+
+All state lives in parameters and buffers whose shapes are fixed at construction, so a state dict
+loads into a freshly quantized model.  Python-side copies of that state (kept so that ``forward``
+never reads a tensor back with ``.item()``) are refreshed after ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QUANT_TYPES, ConfigError, LayerSpec, TensorSpec
+from ..fake_quant import (
+    AffineGrid,
+    affine_qparams,
+    affine_qparams_f32,
+    f32,
+    clipped_fake_quantize,
+    clipped_fake_quantize_scalar,
+    qrange,
+    ste_fake_quantize,
+    ste_fake_quantize_scalar,
+)
+
+__all__ = [
+    "NotCalibratedError",
+    "Option",
+    "Method",
+    "Quantizer",
+    "RangeQuantizer",
+    "METHODS",
+    "register_method",
+    "get_method",
+    "is_bool",
+    "is_int",
+    "is_number",
+    "one_of",
+    "code_range",
+]
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was asked for its grid (or to run in eval mode) before it saw any data."""
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def is_int(lo: int | None = None, hi: int | None = None) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+    return check
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda v: any(v == c and type(v) is type(c) for c in choices)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A per-method config key: its default, a validity check, and what a valid value looks like."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+    doc: str = ""
+
+
+WEIGHT_RANGE = Option(
+    "full",
+    one_of("full", "reduced"),
+    "'full' or 'reduced'",
+    "'reduced': weight codes use one bit less of range (8-bit weights on [-64, 63]) so u8 x s8 "
+    "products cannot saturate int16 accumulators on CPUs without VNNI",
+)
+
+
+class Quantizer(nn.Module):
+    """Base class: a fake quantizer for one tensor of one layer."""
+
+    def __init__(self, spec: TensorSpec, channels: int | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.quant_type = spec.quant_type
+        self.bits = spec.bits
+        self.axis: int | None = 0 if spec.granularity == "per_channel" else None
+        if self.axis is not None and not channels:
+            raise ValueError("a per-channel quantizer needs the number of channels")
+        self._shape: tuple[int, ...] = (channels,) if self.axis is not None else ()
+
+    # -- the contract -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grid(self) -> AffineGrid:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def quantize_int(self, x: Tensor) -> Tensor:
+        """Integer codes of ``x`` (the default: on :meth:`grid`, no transform)."""
+        with torch.no_grad():
+            return self.grid().quantize(x)
+
+    # -- reporting ----------------------------------------------------------------------------
+    def tracked_range(self) -> tuple[Tensor, Tensor]:
+        """The range the quantizer represents (NNI's ``tracked_min/max``): by default the grid's
+        clipping range ``[(qmin - zp) * scale, (qmax - zp) * scale]``."""
+        g = self.grid()
+        zp = g.zero_point.to(torch.float32)
+        return (g.qmin - zp) * g.scale, (g.qmax - zp) * g.scale
+
+    def load_grid(self, grid: AffineGrid, tracked: tuple[Tensor, Tensor] | None = None) -> None:
+        """Set the quantizer's state from an exported grid (see ``lowbit.load_calibration_config``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a calibration")
+
+    def _sync(self) -> None:
+        """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sync()
+
+    def _describe_grid(self) -> str:
+        try:
+            g = self.grid()
+        except NotCalibratedError:
+            return "uncalibrated"
+        lo, hi = self.tracked_range()
+        if g.scale.dim() == 0:
+            return (
+                f"scale={g.scale.item():.4g}, zero_point={g.zero_point.item()}, "
+                f"range=[{lo.item():.4g}, {hi.item():.4g}]"
+            )
+        return (
+            f"scale=[{g.scale.min().item():.3g}..{g.scale.max().item():.3g}] over {g.scale.numel()} channels, "
+            f"range=[{lo.min().item():.4g}, {hi.max().item():.4g}]"
+        )
+
+    def _describe_codes(self) -> str:
+        return ""
+
+    def extra_repr(self) -> str:
+        codes = self._describe_codes()
+        return f"{self.quant_type}, {self.spec.describe()}{', ' + codes if codes else ''}, {self._describe_grid()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: make ``cls`` available to ``quantize(..., method=cls.name)``."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str | type["Method"]) -> type["Method"]:
+    if isinstance(name, type) and issubclass(name, Method):
+        return name
+    try:
+        return METHODS[name]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}") from None
+
+
+class Method:
+    """What a quantization method can do and how it builds its quantizers.
+
+    Subclasses set the class attributes and implement :meth:`build_quantizer`.
+    ``schemes``/``dtypes``/``granularities`` map a quant type to the allowed values, the first
+    being the default.
+    """
+
+    name: ClassVar[str] = ""
+    quant_types: ClassVar[tuple[str, ...]] = QUANT_TYPES
+    options: ClassVar[dict[str, Option]] = {"weight_range": WEIGHT_RANGE}
+    schemes: ClassVar[dict[str, tuple[str, ...]]] = {
+        "weight": ("symmetric", "affine"),
+        "input": ("affine", "symmetric"),
+        "output": ("affine", "symmetric"),
+    }
+    dtypes: ClassVar[dict[str, tuple[str | None, ...]]] = {
+        "weight": ("int", "uint"),
+        "input": ("uint", "int"),
+        "output": ("uint", "int"),
+    }
+    granularities: ClassVar[dict[str, tuple[str, ...]]] = {
+        "weight": ("per_tensor", "per_channel"),
+        "input": ("per_tensor",),
+        "output": ("per_tensor",),
+    }
+    min_range_bits: ClassVar[int] = 1
+
+    @classmethod
+    def resolve_tensor(
+        cls,
+        quant_type: str,
+        bits: int,
+        scheme: str | None,
+        dtype: str | None,
+        granularity: str | None,
+        options: dict[str, Any],
+    ) -> TensorSpec:
+        """Fill in defaults for one tensor and check the method can do it (raises ConfigError)."""
+        schemes = cls.schemes[quant_type]
+        if scheme is None:
+            scheme = schemes[0]
+        elif scheme not in schemes:
+            raise ConfigError(f"{cls.name} {quant_type} quantization cannot be {scheme}; it can be {', '.join(schemes)}")
+        dtypes = cls.dtypes[quant_type]
+        if dtype is None:
+            dtype = dtypes[0]
+        elif dtype not in dtypes:
+            allowed = ", ".join(repr(d) for d in dtypes if d is not None)
+            raise ConfigError(f"{cls.name} {quant_type} quantization cannot use quant_dtype {dtype!r}; allowed: {allowed}")
+        grans = cls.granularities[quant_type]
+        if granularity is None:
+            granularity = grans[0]
+        elif granularity not in grans:
+            raise ConfigError(
+                f"{cls.name} {quant_type} quantization cannot be {granularity}; it can be {', '.join(grans)}"
+            )
+        reduced = quant_type == "weight" and options.get("weight_range") == "reduced"
+        spec = TensorSpec(quant_type, bits, granularity, scheme, dtype, reduced)
+        if spec.range_bits < cls.min_range_bits:
+            extra = " (weight_range 'reduced' uses one bit less)" if reduced else ""
+            raise ConfigError(f"{cls.name} needs at least {cls.min_range_bits + reduced} bits for {quant_type}{extra}, got {bits}")
+        return spec
+
+    @classmethod
+    def check_layer(cls, layer: LayerSpec, module: nn.Module) -> None:
+        """Extra per-layer checks (raise ConfigError)."""
+
+    @classmethod
+    def build_quantizer(cls, spec: TensorSpec, layer: LayerSpec, module: nn.Module) -> Quantizer:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def build_grad_quantizer(cls, layer: LayerSpec, module: nn.Module) -> nn.Module | None:
+        """An optional module applied to the layer's output that acts on its gradient."""
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the range-tracking quantizer (QAT, PTQ)
+
+
+def code_range(spec: TensorSpec) -> tuple[int, int]:
+    """Code range of a spec: signed or unsigned by dtype, narrow (symmetric about 0) for a signed
+    symmetric grid, one bit less when ``reduced``."""
+    signed = spec.dtype != "uint"
+    return qrange(spec.range_bits, signed, narrow=signed and spec.scheme == "symmetric")
+
+
+class RangeQuantizer(Quantizer):
+    """Min/max-range quantizer on an affine or symmetric integer grid.
+
+    ``tracking``:
+      * ``"current"`` (weights): the range is the tensor's own min/max at every call;
+      * ``"ema"`` (QAT activations): exponential moving average of batch min/max
+        (``decay``; the first batch initialises it);
+      * ``"minmax"`` (PTQ): running min and max over all observed batches;
+      * ``"percentile"`` (PTQ): mean over observed batches of the batch's ``percentile``-th and
+        ``(100 - percentile)``-th percentiles.
+
+    The range always includes 0.  Activation ranges are observed only in training mode (and
+    frozen in eval mode).  The gradient is the clipped straight-through estimator (plain STE for
+    weights, whose range contains every element by construction).
+
+    ``start_step`` > 0 (QAT's ``quant_start_step``): the first ``start_step`` training forward
+    passes return ``x`` unquantized (ranges are still tracked); counted in the ``step`` buffer.
+
+    Per-tensor quantizers of CPU tensors keep their range and grid as Python numbers (exact
+    float32 values) and write them to the buffers lazily — whenever the state is read through
+    :meth:`grid`, :meth:`tracked_range`, ``state_dict()`` or a switch to the tensor path — which
+    saves a dozen tiny tensor operations per call.  Read the state through those, not by peeking
+    at the buffers mid-training.  Elsewhere (per-channel, GPU) everything stays in tensors with no
+    host synchronisation.
+    """
+
+    def __init__(
+        self,
+        spec: TensorSpec,
+        channels: int | None = None,
+        *,
+        tracking: str = "ema",
+        decay: float = 0.99,
+        percentile: float = 99.99,
+        start_step: int = 0,
+    ) -> None:
+        super().__init__(spec, channels)
+        if tracking not in ("current", "ema", "minmax", "percentile"):
+            raise ValueError(f"unknown tracking {tracking!r}")
+        self.tracking = tracking
+        self.decay = float(decay)
+        self.percentile = float(percentile)
+        self.start_step = int(start_step)
+        self.symmetric = spec.scheme == "symmetric"
+        self.qmin, self.qmax = code_range(spec)
+        shape = self._shape
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
+        self.register_buffer("tracked_min", torch.zeros(shape))
+        self.register_buffer("tracked_max", torch.zeros(shape))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        if tracking == "percentile":
+            self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
+        if self.start_step > 0:
+            self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        # Python-side state, mutated in place (no nn.Module.__setattr__ in the hot path):
+        # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv) or None
+        self._st: list[Any] = [False, 0, 0, False, None]
+
+    @property
+    def _initialized(self) -> bool:
+        return self._st[0]
+
+    def _sync(self) -> None:
+        st = self._st
+        st[0] = bool(self.initialized)
+        st[1] = int(self.step) if self.start_step > 0 else 0
+        st[2] = int(self.batches) if self.tracking == "percentile" else 0
+        st[3] = False
+        st[4] = None
+        if st[0] and self.axis is None:
+            s = self.scale.item()
+            st[4] = (self.tracked_min.item(), self.tracked_max.item(), s, int(self.zero_point.item()), f32(1.0 / s))
+
+    @torch.no_grad()
+    def _flush(self) -> None:
+        """Write the Python-side state into the buffers."""
+        st = self._st
+        if not st[3]:
+            return
+        if st[4] is not None:
+            tmin, tmax, s, zp, _ = st[4]
+            self.tracked_min.fill_(tmin)
+            self.tracked_max.fill_(tmax)
+            self.scale.fill_(s)
+            self.zero_point.fill_(zp)
+        self.initialized.fill_(st[0])
+        if self.start_step > 0:
+            self.step.fill_(st[1])
+        if self.tracking == "percentile":
+            self.batches.fill_(st[2])
+        st[3] = False
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # -- observation --------------------------------------------------------------------------
+    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.detach()
+        if self.axis is not None:
+            return torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+        if self.tracking == "percentile":
+            flat = x.reshape(-1).float()
+            n = flat.numel()
+            k_hi = min(n, max(1, math.ceil(self.percentile * n / 100)))
+            k_lo = max(1, n + 1 - k_hi)
+            return flat.kthvalue(k_lo).values, flat.kthvalue(k_hi).values
+        return torch.aminmax(x)
+
+    def observe(self, x: Tensor) -> None:
+        """Update the tracked range with ``x`` and recompute scale and zero point."""
+        lo_t, hi_t = self._batch_range(x)
+        if self.axis is None and x.device.type == "cpu":
+            self._observe_py(lo_t.item(), hi_t.item())
+        else:
+            self._observe_tensor(lo_t, hi_t)
+
+    def _observe_py(self, lo: float, hi: float) -> None:
+        st = self._st
+        py = st[4]
+        tracking = self.tracking
+        if py is None or tracking == "current":
+            tmin, tmax = lo, hi
+        elif tracking == "ema":
+            w = 1.0 - self.decay
+            tmin, tmax = f32(py[0] + w * (lo - py[0])), f32(py[1] + w * (hi - py[1]))
+        elif tracking == "minmax":
+            tmin, tmax = min(py[0], lo), max(py[1], hi)
+        else:  # percentile: running mean of per-batch percentiles
+            w = 1.0 / (st[2] + 1)
+            tmin, tmax = f32(py[0] + w * (lo - py[0])), f32(py[1] + w * (hi - py[1]))
+        if tracking == "percentile":
+            st[2] += 1
+        scale, zp = affine_qparams_f32(tmin, tmax, self.qmin, self.qmax, self.symmetric)
+        st[4] = (tmin, tmax, scale, zp, f32(1.0 / scale))
+        st[0] = True
+        st[3] = True
+
+    @torch.no_grad()
+    def _observe_tensor(self, lo_t: Tensor, hi_t: Tensor) -> None:
+        self._flush()
+        st = self._st
+        if not st[0] or self.tracking == "current":
+            self.tracked_min.copy_(lo_t)
+            self.tracked_max.copy_(hi_t)
+        elif self.tracking == "ema":
+            self.tracked_min.lerp_(lo_t, 1.0 - self.decay)
+            self.tracked_max.lerp_(hi_t, 1.0 - self.decay)
+        elif self.tracking == "minmax":
+            torch.minimum(self.tracked_min, lo_t, out=self.tracked_min)
+            torch.maximum(self.tracked_max, hi_t, out=self.tracked_max)
+        else:
+            w = 1.0 / (st[2] + 1)
+            self.tracked_min.lerp_(lo_t, w)
+            self.tracked_max.lerp_(hi_t, w)
+        if self.tracking == "percentile":
+            st[2] += 1
+            self.batches.fill_(st[2])
+        scale, zp = affine_qparams(self.tracked_min, self.tracked_max, self.qmin, self.qmax, self.symmetric)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        if not st[0]:
+            self.initialized.fill_(True)
+            st[0] = True
+        st[4] = None
+
+    # -- the contract -------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        st = self._st
+        if self.start_step > 0 and st[1] < self.start_step:
+            if self.training:
+                st[1] += 1
+                st[3] = True
+                if self.tracking != "current":
+                    self.observe(x)
+            return x
+        current = self.tracking == "current"
+        if current or self.training:
+            self.observe(x)
+        elif not st[0]:
+            raise NotCalibratedError(
+                f"this {self.quant_type} quantizer has seen no data: train a few batches or run "
+                "lowbit.calibrate(model, batches) before evaluating"
+            )
+        py = st[4]
+        if py is not None and x.device.type == "cpu":
+            zp = 0 if self.symmetric else py[3]
+            if current:
+                return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp)
+            return clipped_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp)
+        self._flush()
+        zp_t = None if self.symmetric else self.zero_point
+        if current:
+            return ste_fake_quantize(x, self.scale, zp_t, self.qmin, self.qmax, self.axis)
+        return clipped_fake_quantize(x, self.scale, zp_t, self.qmin, self.qmax, self.axis)
+
+    def quantize_int(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.tracking == "current":
+                self.observe(x)
+            return self.grid().quantize(x)
+
+    def grid(self) -> AffineGrid:
+        if not self._st[0]:
+            raise NotCalibratedError(f"this {self.quant_type} quantizer has no range yet (it has seen no data)")
+        self._flush()
+        return AffineGrid(self.scale.detach().clone(), self.zero_point.clone(), self.qmin, self.qmax, self.axis)
+
+    def tracked_range(self) -> tuple[Tensor, Tensor]:
+        if not self._st[0]:
+            raise NotCalibratedError("no range tracked yet")
+        self._flush()
+        return self.tracked_min.clamp(max=0.0), self.tracked_max.clamp(min=0.0)
+
+    @torch.no_grad()
+    def load_grid(self, grid: AffineGrid, tracked: tuple[Tensor, Tensor] | None = None) -> None:
+        if (grid.qmin, grid.qmax) != (self.qmin, self.qmax):
+            raise ValueError(f"grid codes [{grid.qmin}, {grid.qmax}] do not match this quantizer's [{self.qmin}, {self.qmax}]")
+        self._flush()
+        self.scale.copy_(grid.scale.reshape(self.scale.shape))
+        self.zero_point.copy_(grid.zero_point.reshape(self.zero_point.shape))
+        if tracked is not None:
+            self.tracked_min.copy_(tracked[0].reshape(self.tracked_min.shape))
+            self.tracked_max.copy_(tracked[1].reshape(self.tracked_max.shape))
+        self.initialized.fill_(True)
+        self._sync()
+
+    def _describe_codes(self) -> str:
+        extra = f", starts after {self.start_step} steps" if self.start_step else ""
+        return f"codes [{self.qmin}, {self.qmax}], {self.tracking}{extra}"
+
+
+def is_number(lo: float, hi: float, *, open_lo: bool = True, open_hi: bool = True) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (v > lo if open_lo else v >= lo) and (v < hi if open_hi else v <= hi)
+
+    return check
+

@@ -1,0 +1,251 @@
+"""DoReFa-Net (Zhou et al. 2016): tanh-normalised weights, [0, 1]-clipped activations, and
+optionally k-bit stochastic gradients.
+
+Weights, ``dorefa_variant``:
+
+* ``"paper"`` — exactly the paper: ``w_q = 2 * quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``
+  with ``quantize_k(v) = round((2^k - 1) v) / (2^k - 1)``: ``2^k`` levels in ``[-1, 1]``.  The
+  magnitude of the layer's weights is lost (the paper relies on a batch norm after each layer).
+  As an integer grid: codes ``c = 2q - (2^k - 1)`` (odd integers in ``[-(2^k-1), 2^k-1]``), scale
+  ``1/(2^k - 1)``, zero point 0 — it fits int8 only for ``k <= 7``, so 8-bit paper DoReFa cannot be
+  exported exactly.
+* ``"scaled"`` (default, deployable) — ``u = tanh(w) / max|tanh(w)|`` in ``[-1, 1]``, rounded onto
+  the symmetric signed grid of ``2^k - 1`` levels, codes ``c = round(n u)`` in ``[-n, n]`` with
+  ``n = 2^(k-1) - 1``, times a per-layer scale ``max|w| / n`` (``max|w|`` of the float weights,
+  recomputed at every step, no gradient through it) so the layer keeps its output magnitude.
+  Zero point 0: an int8 grid at 8 bits (codes -127..127).
+
+Both: the gradient is the paper's — straight through the rounding, through ``tanh`` and through
+the ``max`` normalisation (as the reference TensorFlow implementation differentiates it).
+1 bit (both variants): ``w_q = E|w| * sign(w)`` as in the paper, straight-through gradient.
+
+Activations (``input``/``output``): clipped to ``[0, 1]`` and quantized to ``k`` bits, codes
+``[0, 2^k - 1]``, scale ``1/(2^k-1)``; the gradient is zero outside the range.
+
+``gradient_bits: k``: the layer's output gradient is quantized to ``k`` bits stochastically in the
+backward pass (the paper's eq. 12; off by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, LayerSpec, TensorSpec
+from ..fake_quant import (
+    MIN_SCALE,
+    AffineGrid,
+    clipped_fake_quantize,
+    clipped_fake_quantize_scalar,
+    f32,
+    qrange,
+    quantize_gradient,
+)
+from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_int, one_of, register_method
+
+__all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "GradientQuantizer", "dorefa_weight_codes"]
+
+
+def dorefa_weight_codes(w: Tensor, range_bits: int, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """``(codes, scale, tanh(w), max|tanh(w)|, kappa)`` of DoReFa's weight transform;
+    ``codes * scale`` is the quantized weight, ``kappa`` its slope with respect to ``tanh(w)/max``
+    (the straight-through derivative).  Codes are float tensors holding integers."""
+    t = torch.tanh(w)
+    mn, mx = torch.aminmax(t)
+    m = torch.maximum(-mn, mx).clamp_min(torch.finfo(t.dtype).tiny)
+    if variant == "paper":
+        levels = (1 << range_bits) - 1
+        q = (t / (2 * m)).add_(0.5).mul_(levels).round_()
+        codes = q.mul_(2).sub_(levels)
+        scale = torch.tensor(1.0 / levels, dtype=t.dtype)
+        return codes, scale, t, m, 1.0
+    n = (1 << (range_bits - 1)) - 1
+    wmn, wmx = torch.aminmax(w)
+    scale = (torch.maximum(-wmn, wmx) / n).clamp_min(MIN_SCALE)
+    codes = (t * (n / m)).round_()
+    return codes, scale, t, m, float(n)
+
+
+class _DoReFaWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, range_bits, variant):  # type: ignore[override]
+        codes, scale, t, m, kappa = dorefa_weight_codes(w, range_bits, variant)
+        # slope of the output with respect to u = t / m (straight through the rounding)
+        ctx.save_for_backward(t, m, scale)
+        ctx.kappa = kappa
+        ctx.mark_non_differentiable(scale)
+        return codes.mul_(scale), scale
+
+    @staticmethod
+    def backward(ctx, g, _gscale):  # type: ignore[override]
+        t, m, scale = ctx.saved_tensors
+        k = scale * ctx.kappa  # d out / d u, u = t / m
+        # d out_i / d t_i = k / m ;  d out_i / d m = -k t_i / m^2 ;  d t / d w = 1 - t^2
+        gw = g * t
+        gm = -(k / (m * m)) * gw.sum()
+        gw.mul_(t).neg_().add_(g).mul_(k / m)  # g (1 - t^2) k / m
+        i = _argmax_abs(t)
+        tk = t.reshape(-1)[i]
+        gw.reshape(-1)[i] += gm * torch.sign(tk) * (1 - tk * tk)
+        return gw, None, None
+
+
+def _argmax_abs(t: Tensor) -> Tensor:
+    """Flat index of the largest |t| (row-wise amax first: a plain argmax over a large tensor is
+    an order of magnitude slower on the CPU)."""
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    r = torch.argmax(torch.maximum(rows.amax(1), -rows.amin(1)))
+    c = torch.argmax(rows[r].abs())
+    return r * rows.shape[1] + c
+
+
+class _Binary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):  # type: ignore[override]
+        e = w.abs().mean().clamp_min(MIN_SCALE)
+        codes = torch.where(w >= 0, 1.0, -1.0).to(w.dtype)
+        ctx.mark_non_differentiable(e)
+        return codes.mul_(e), e
+
+    @staticmethod
+    def backward(ctx, g, _ge):  # type: ignore[override]
+        return g
+
+
+class DoReFaWeightQuantizer(Quantizer):
+    """DoReFa weight quantizer (``variant`` ``"scaled"`` or ``"paper"``); see the module docstring."""
+
+    def __init__(self, spec: TensorSpec, variant: str = "scaled") -> None:
+        super().__init__(spec)
+        self.variant = variant
+        rb = spec.range_bits
+        if rb == 1:
+            self.qmin, self.qmax = -1, 1
+        elif variant == "paper":
+            self.qmin, self.qmax = -((1 << rb) - 1), (1 << rb) - 1
+        else:
+            self.qmin, self.qmax = qrange(rb, True, narrow=True)
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False
+
+    def _sync(self) -> None:
+        self._initialized = bool(self.initialized)
+
+    def _store(self, scale: Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            if not self._initialized:
+                self.initialized.fill_(True)
+                self._initialized = True
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.spec.range_bits == 1:
+            out, scale = _Binary.apply(w)
+        else:
+            out, scale = _DoReFaWeight.apply(w, self.spec.range_bits, self.variant)
+        self._store(scale)
+        return out
+
+    def quantize_int(self, w: Tensor) -> Tensor:
+        with torch.no_grad():
+            if self.spec.range_bits == 1:
+                codes = torch.where(w >= 0, 1, -1)
+                self._store(w.abs().mean().clamp_min(MIN_SCALE))
+                return codes.to(torch.int64)
+            codes, scale, *_ = dorefa_weight_codes(w, self.spec.range_bits, self.variant)
+            self._store(scale)
+            return codes.to(torch.int64)
+
+    def grid(self) -> AffineGrid:
+        if not self._initialized:
+            raise NotCalibratedError("this DoReFa weight quantizer has not seen its weight yet")
+        return AffineGrid(self.scale.detach().clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)
+
+    @torch.no_grad()
+    def load_grid(self, grid: AffineGrid, tracked: Any = None) -> None:
+        if (grid.qmin, grid.qmax) != (self.qmin, self.qmax):
+            raise ValueError(f"grid codes [{grid.qmin}, {grid.qmax}] do not match [{self.qmin}, {self.qmax}]")
+        self.scale.copy_(grid.scale.reshape(()))
+        self.initialized.fill_(True)
+        self._sync()
+
+    def _describe_codes(self) -> str:
+        return f"{self.variant}, codes [{self.qmin}, {self.qmax}]"
+
+
+class DoReFaActivationQuantizer(Quantizer):
+    """``x`` clipped to [0, 1] and quantized to ``k`` bits: a fixed grid, no state."""
+
+    def __init__(self, spec: TensorSpec) -> None:
+        super().__init__(spec)
+        self.qmin, self.qmax = 0, (1 << spec.bits) - 1
+        self.register_buffer("scale", torch.tensor(1.0 / self.qmax), persistent=False)
+        self._s = self.scale.item()
+        self._inv = f32(1.0 / self._s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":
+            return clipped_fake_quantize_scalar(x, self._s, self._inv, self.qmin, self.qmax)
+        return clipped_fake_quantize(x, self.scale, None, self.qmin, self.qmax)
+
+    def grid(self) -> AffineGrid:
+        return AffineGrid(self.scale.clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)
+
+    def load_grid(self, grid: AffineGrid, tracked: Any = None) -> None:
+        if (grid.qmin, grid.qmax) != (self.qmin, self.qmax) or not torch.equal(grid.scale.reshape(()), self.scale):
+            raise ValueError("a DoReFa activation grid is fixed by its bits; this calibration does not match")
+
+    def _describe_codes(self) -> str:
+        return f"clip [0, 1], codes [{self.qmin}, {self.qmax}]"
+
+
+class GradientQuantizer(nn.Module):
+    """Identity forward; DoReFa's k-bit stochastic quantization of the gradient in training mode."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantize_gradient(x, self.bits) if self.training and x.requires_grad else x
+
+    def extra_repr(self) -> str:
+        return f"gradient {self.bits}b stochastic"
+
+
+def _optional_bits(v: Any) -> bool:
+    return v is None or is_int(1, 16)(v)
+
+
+@register_method
+class DoReFa(Method):
+    name = "dorefa"
+    options = {
+        "weight_range": WEIGHT_RANGE,
+        "dorefa_variant": Option(
+            "scaled", one_of("scaled", "paper"), "'scaled' or 'paper'", "weight transform (see lowbit.methods.dorefa)"
+        ),
+        "gradient_bits": Option(None, _optional_bits, "None or an integer 1..16", "quantize output gradients (paper eq. 12)"),
+    }
+    schemes = {"weight": ("symmetric",), "input": ("symmetric",), "output": ("symmetric",)}
+    dtypes = {"weight": ("int",), "input": ("uint",), "output": ("uint",)}
+    granularities = {"weight": ("per_tensor",), "input": ("per_tensor",), "output": ("per_tensor",)}
+
+    @classmethod
+    def check_layer(cls, layer: LayerSpec, module: nn.Module) -> None:
+        if layer.weight is not None and layer.weight.reduced and layer.options["dorefa_variant"] == "paper":
+            raise ConfigError("weight_range 'reduced' needs dorefa_variant 'scaled' (the paper's grid is fixed)")
+
+    @classmethod
+    def build_quantizer(cls, spec: TensorSpec, layer: LayerSpec, module: nn.Module) -> Quantizer:
+        if spec.quant_type == "weight":
+            return DoReFaWeightQuantizer(spec, layer.options["dorefa_variant"])
+        return DoReFaActivationQuantizer(spec)
+
+    @classmethod
+    def build_grad_quantizer(cls, layer: LayerSpec, module: nn.Module) -> nn.Module | None:
+        bits = layer.options["gradient_bits"]
+        return GradientQuantizer(bits) if bits else None

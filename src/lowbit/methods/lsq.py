@@ -1,0 +1,177 @@
+"""LSQ: learned step size quantization (Esser et al. 2020), with LSQ+'s learned offset as an option
+(Bhalgat et al. 2020).
+
+* every quantizer has a learned step ``s`` (the ``scale`` parameter): ``x_hat = clamp(round(x/s),
+  -Qn, Qp) * s``; weights use the signed grid ``Qn = 2^(b-1)``, ``Qp = 2^(b-1)-1`` (full range,
+  like the paper), per-tensor or per-channel;
+* activations are signed (``Qn = 2^(b-1)``, ``Qp = 2^(b-1)-1``) or unsigned (``Qn = 0``,
+  ``Qp = 2^b-1``): ``quant_dtype`` ``int`` / ``uint`` sets it, otherwise it is detected on the
+  first training batch (unsigned when that batch has no negative value);
+* initialisation: ``s = 2 * mean|v| / sqrt(Qp)`` — from the weights at :func:`lowbit.quantize`,
+  from the first training batch for activations;
+* gradients: clipped STE for ``x``; for the step, the paper's
+  ``d x_hat / d s = round(x/s) - x/s`` inside the range and ``-Qn`` / ``Qp`` outside, times the
+  gradient scale ``g = 1 / sqrt(N * Qp)`` with ``N`` the number of weights of the layer (per
+  channel: of the channel) or the number of features of one sample (``numel / batch``) for
+  activations;
+* ``lsq_plus: True``: activations get a learned offset too, as an integer zero point on unsigned
+  codes ``[0, 2^b-1]`` (learned as a float, rounded in the forward pass, straight-through), so the
+  grid stays exportable; step and offset are initialised from the first batch's min/max.
+  Weights stay symmetric, as in LSQ+.
+
+The steps (and offsets) are ``nn.Parameter`` s: :func:`lowbit.quantize` adds them to the optimizer
+you pass as a new parameter group (no weight decay), or see :func:`lowbit.quantizer_parameters`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError, LayerSpec, TensorSpec
+from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, lsq_fake_quantize, qrange
+from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, register_method
+
+__all__ = ["LSQ", "LSQQuantizer"]
+
+
+class LSQQuantizer(Quantizer):
+    """A learned-step quantizer (see the module docstring)."""
+
+    def __init__(self, spec: TensorSpec, weight: Tensor | None = None, *, lsq_plus: bool = False) -> None:
+        channels = weight.shape[0] if weight is not None else None
+        super().__init__(spec, channels)
+        self.is_weight = spec.quant_type == "weight"
+        self.learn_offset = bool(lsq_plus) and not self.is_weight
+        self.scale = nn.Parameter(torch.ones(self._shape))
+        if self.learn_offset:
+            self.zero_point = nn.Parameter(torch.zeros(self._shape))
+        else:
+            self.zero_point = None
+        # signedness of the codes: fixed for weights and when quant_dtype is given
+        self.register_buffer("signed", torch.tensor(spec.dtype != "uint"))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._auto_sign = spec.dtype is None
+        self._initialized = False
+        self._set_range(spec.dtype != "uint")
+        self._weight_gf = 1.0
+        if weight is not None:
+            with torch.no_grad():
+                self._init_from(weight.detach())
+            per = weight[0].numel() if self.axis is not None else weight.numel()
+            self._weight_gf = 1.0 / math.sqrt(per * self._qp)
+
+    def _set_range(self, signed: bool) -> None:
+        self.qmin, self.qmax = qrange(self.spec.range_bits, signed)
+        # Qp of the paper: the number of positive levels (all levels above the zero point for LSQ+)
+        self._qp = self.qmax - self.qmin if self.learn_offset else self.qmax
+
+    def _sync(self) -> None:
+        self._initialized = bool(self.initialized)
+        self._set_range(bool(self.signed))
+
+    @torch.no_grad()
+    def _init_from(self, x: Tensor) -> None:
+        if self._auto_sign:
+            signed = bool(x.min() < 0)
+            self.signed.fill_(signed)
+            self._set_range(signed)
+        if self.learn_offset:
+            lo, hi = torch.aminmax(x.float())
+            scale, _ = affine_qparams(lo, hi, self.qmin, self.qmax, symmetric=False)
+            zp = (self.qmin - torch.clamp(lo, max=0.0) / scale).clamp(self.qmin, self.qmax)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zp)
+        else:
+            if self.axis is not None:
+                mean_abs = x.abs().reshape(x.shape[0], -1).mean(1)
+            else:
+                mean_abs = x.abs().mean()
+            self.scale.copy_((2 * mean_abs / math.sqrt(self._qp)).clamp(min=MIN_SCALE))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._initialized:
+            if not self.training:
+                raise NotCalibratedError(
+                    f"this LSQ {self.quant_type} quantizer has seen no data: its step is initialised "
+                    "from the first training batch (or lowbit.calibrate(model, batches))"
+                )
+            self._init_from(x.detach())
+        if self.is_weight:
+            gf = self._weight_gf
+        else:
+            n = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+            gf = 1.0 / math.sqrt(max(n, 1) * self._qp)
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, gf, self.axis)
+
+    def grid(self) -> AffineGrid:
+        if not self._initialized:
+            raise NotCalibratedError(f"this LSQ {self.quant_type} quantizer has not been initialised")
+        scale = self.scale.detach().abs().clamp_min(MIN_SCALE)
+        if self.zero_point is None:
+            zp = torch.zeros_like(scale, dtype=torch.int64)
+        else:
+            zp = torch.round(self.zero_point.detach()).clamp(self.qmin, self.qmax).to(torch.int64)
+        return AffineGrid(scale, zp, self.qmin, self.qmax, self.axis)
+
+    @torch.no_grad()
+    def load_grid(self, grid: AffineGrid, tracked: Any = None) -> None:
+        signed = grid.qmin < 0
+        if qrange(self.spec.range_bits, signed) != (grid.qmin, grid.qmax):
+            raise ValueError(f"grid codes [{grid.qmin}, {grid.qmax}] do not fit this {self.spec.bits}-bit LSQ quantizer")
+        if self.zero_point is None and bool((grid.zero_point != 0).any()):
+            raise ValueError("this LSQ quantizer has no offset (set lsq_plus to load a zero point)")
+        self.scale.copy_(grid.scale.reshape(self.scale.shape))
+        if self.zero_point is not None:
+            self.zero_point.copy_(grid.zero_point.to(torch.float32).reshape(self.zero_point.shape))
+        self.signed.fill_(signed)
+        self.initialized.fill_(True)
+        self._sync()
+
+    def _describe_codes(self) -> str:
+        if not self._initialized and self._auto_sign:
+            return "codes signed/unsigned decided on the first batch"
+        return f"codes [{self.qmin}, {self.qmax}]" + (", learned offset" if self.learn_offset else "")
+
+
+@register_method
+class LSQ(Method):
+    name = "lsq"
+    options = {
+        "weight_range": WEIGHT_RANGE,
+        "lsq_plus": Option(False, is_bool, "True or False", "learn an offset (integer zero point) for activations"),
+    }
+    schemes = {
+        "weight": ("symmetric",),
+        "input": ("symmetric", "affine"),
+        "output": ("symmetric", "affine"),
+    }
+    dtypes = {
+        "weight": ("int",),
+        "input": (None, "int", "uint"),
+        "output": (None, "int", "uint"),
+    }
+    min_range_bits = 2
+
+    @classmethod
+    def resolve_tensor(cls, quant_type, bits, scheme, dtype, granularity, options) -> TensorSpec:  # type: ignore[override]
+        if quant_type != "weight":
+            if options["lsq_plus"]:
+                if scheme == "symmetric":
+                    raise ConfigError("lsq_plus learns an offset: its activations are affine, not symmetric")
+                scheme = "affine"
+                dtype = dtype or "uint"
+            elif scheme == "affine":
+                raise ConfigError("LSQ activations are symmetric (zero point 0); set lsq_plus: True to learn an offset")
+        return super().resolve_tensor(quant_type, bits, scheme, dtype, granularity, options)
+
+    @classmethod
+    def build_quantizer(cls, spec: TensorSpec, layer: LayerSpec, module: nn.Module) -> Quantizer:
+        if spec.quant_type == "weight":
+            return LSQQuantizer(spec, module.weight)
+        return LSQQuantizer(spec, lsq_plus=layer.options["lsq_plus"])

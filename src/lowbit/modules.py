@@ -1,0 +1,107 @@
+"""The wrapper that replaces a quantized layer: it holds the original layer and its quantizers.
+
+``forward(x) = output_q(op(input_q(x), weight_q(module.weight), module.bias))`` where ``op`` is the
+layer's own ``F.linear`` / ``_conv_forward`` (so padding modes, strides and groups are the
+layer's).  The wrapper takes the layer's place under the same attribute name; ``print(model)``
+shows the method, the bits and granularity of each quantized tensor and, once known, its range.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LayerSpec
+from .methods.base import Quantizer
+
+__all__ = ["QuantWrapper"]
+
+
+class QuantWrapper(nn.Module):
+    """A layer (``nn.Linear`` or ``nn.Conv1d/2d/3d``) with fake-quantized weight, input and output.
+
+    Attributes:
+        module: the original layer, holding the float weight and bias that train.
+        method: the method's registry name.
+        weight_quantizer, input_quantizer, output_quantizer: :class:`Quantizer` or ``None``.
+        grad_quantizer: a module acting on the output's gradient (DoReFa ``gradient_bits``) or None.
+        spec: the parsed :class:`~lowbit.config.LayerSpec`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        method: str,
+        weight_quantizer: Quantizer | None = None,
+        input_quantizer: Quantizer | None = None,
+        output_quantizer: Quantizer | None = None,
+        grad_quantizer: nn.Module | None = None,
+        spec: LayerSpec | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"QuantWrapper wraps Linear and Conv1d/2d/3d layers, not {type(module).__name__}")
+        self.module = module
+        self.method = method
+        self.spec = spec
+        self._is_linear = isinstance(module, nn.Linear)
+        # None quantizers stay plain attributes so that print(model) lists only real ones
+        for name, q in (
+            ("weight_quantizer", weight_quantizer),
+            ("input_quantizer", input_quantizer),
+            ("output_quantizer", output_quantizer),
+            ("grad_quantizer", grad_quantizer),
+        ):
+            setattr(self, name, q)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        m = self.module
+        w = m.weight if self.weight_quantizer is None else self.weight_quantizer(m.weight)
+        y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        if self.grad_quantizer is not None:
+            y = self.grad_quantizer(y)
+        return y
+
+    @property
+    def weight(self) -> Tensor:
+        """The float weight (``module.weight``)."""
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    def quantizers(self) -> dict[str, Quantizer]:
+        """``{"weight": q, "input": q, "output": q}`` for the tensors that are quantized."""
+        out = {}
+        for t in ("weight", "input", "output"):
+            q = getattr(self, f"{t}_quantizer")
+            if q is not None:
+                out[t] = q
+        return out
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Tensor:
+        """The weight as the layer uses it in eval mode (dequantized values)."""
+        q = self.weight_quantizer
+        if q is None:
+            return self.module.weight.detach().clone()
+        was = q.training
+        q.eval()
+        try:
+            return q(self.module.weight).detach().clone()
+        finally:
+            q.train(was)
+
+    def extra_repr(self) -> str:
+        parts = [f"method={self.method}"]
+        for t, q in self.quantizers().items():
+            parts.append(f"{t}={q.spec.describe()}")
+        if self.grad_quantizer is not None:
+            parts.append(f"gradient={self.grad_quantizer.bits}b")
+        return ", ".join(parts)

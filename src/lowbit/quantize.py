@@ -1,0 +1,229 @@
+"""The verbs: :func:`quantize` a model in place, :func:`calibrate` it, read its
+:func:`calibration_config`, :func:`fold` it back into a plain float model.
+
+    model = lowbit.quantize(model, config_list, method="lsq", optimizer=optimizer)
+    # ... the user's own training loop, unchanged ...
+    calib = lowbit.calibration_config(model)      # NNI's export format, JSON-serialisable
+    plain = lowbit.fold(model)                    # nn.Linear/Conv layers holding quantized weights
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .config import QUANT_TYPES, ConfigError, parse_config
+from .fake_quant import AffineGrid
+from .methods import NotCalibratedError, Quantizer, RangeQuantizer, get_method
+from .modules import QuantWrapper
+
+__all__ = [
+    "quantize",
+    "quantizer_parameters",
+    "quantized_layers",
+    "calibrate",
+    "calibration_config",
+    "load_calibration_config",
+    "fold",
+]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def quantize(
+    model: nn.Module,
+    config_list: Sequence[Mapping[str, Any]],
+    method: str = "qat",
+    optimizer: torch.optim.Optimizer | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Quantize ``model`` in place and return it.
+
+    Each layer selected by ``config_list`` (NNI's format, see :mod:`lowbit.config`) is replaced,
+    under the same attribute name, by a :class:`~lowbit.modules.QuantWrapper` holding the layer and
+    the method's quantizers.  ``options`` are method options applied to every config entry (an
+    entry's own keys override them), e.g. ``quantize(m, cfg, "qat", quant_start_step=100)``.
+
+    If ``optimizer`` is given, the new quantizer parameters (LSQ steps and offsets) are added to
+    it as one new parameter group with ``weight_decay=0`` (its other hyper-parameters are the
+    optimizer's defaults).  Without an optimizer, add :func:`quantizer_parameters` yourself.
+    The model's own parameters are unchanged objects, so an optimizer built before keeps working.
+    """
+    method_cls = get_method(method)
+    specs = parse_config(config_list, model, method_cls.name, options)
+    for name, spec in specs.items():
+        parent, attr = _parent(model, name)
+        layer = getattr(parent, attr)
+        qs = {t: (method_cls.build_quantizer(getattr(spec, t), spec, layer) if getattr(spec, t) else None) for t in QUANT_TYPES}
+        wrapper = QuantWrapper(
+            layer,
+            method_cls.name,
+            weight_quantizer=qs["weight"],
+            input_quantizer=qs["input"],
+            output_quantizer=qs["output"],
+            grad_quantizer=method_cls.build_grad_quantizer(spec, layer),
+            spec=spec,
+        )
+        ref = layer.weight
+        for q in wrapper.quantizers().values():
+            q.to(device=ref.device)
+        wrapper.train(layer.training)
+        setattr(parent, attr, wrapper)
+    if optimizer is not None:
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        new = [p for p in quantizer_parameters(model) if id(p) not in known]
+        if new:
+            group: dict[str, Any] = {"params": new}
+            if "weight_decay" in optimizer.defaults:
+                group["weight_decay"] = 0.0
+            optimizer.add_param_group(group)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantWrapper]:
+    """``name -> QuantWrapper`` for every quantized layer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantWrapper)}
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable quantizer parameters (LSQ steps, LSQ+ offsets) of ``model``, to give to an
+    optimizer when :func:`quantize` was not given one."""
+    seen: set[int] = set()
+    out = []
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
+    """Run ``batches`` through ``model`` without gradients, with the model in eval mode (dropout,
+    batch norm frozen) but its quantizers observing: PTQ ranges, QAT's EMA ranges and LSQ's
+    first-batch initialisation come from these batches.  ``forward(model, batch)`` defaults to
+    ``model(batch)``.  Modes are restored afterwards.  (QAT quantizers count these passes towards
+    ``quant_start_step``.)
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.train()
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(batch)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return model
+
+
+def _value(t: Tensor) -> Any:
+    """A float32/int tensor as a JSON value: a Python number, or a list when per-channel."""
+    return t.item() if t.dim() == 0 else t.tolist()
+
+
+def calibration_config(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """NNI's calibration export for every quantized layer, JSON-serialisable.
+
+    Per layer: ``weight_bits``, ``weight_scale``, ``weight_zero_point`` (numbers, or lists per
+    output channel) — for every method, including LSQ's learned weight step; for activations
+    ``input_bits``, ``tracked_min_input``, ``tracked_max_input`` and the ``output_*`` twins (the
+    tracked range for QAT/PTQ, the grid's clipping range for LSQ/DoReFa).  lowbit adds what an
+    exporter needs to rebuild each grid exactly: ``method``, ``<type>_scale``,
+    ``<type>_zero_point``, ``<type>_qmin``, ``<type>_qmax`` (and ``weight_axis`` per-channel).
+    Weight grids are refreshed from the current weights first.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, wrapper in quantized_layers(model).items():
+        entry: dict[str, Any] = {"method": wrapper.method}
+        for t, q in wrapper.quantizers().items():
+            try:
+                if t == "weight":
+                    q.quantize_int(wrapper.module.weight.detach())
+                grid = q.grid()
+                lo, hi = q.tracked_range()
+            except NotCalibratedError as e:
+                raise NotCalibratedError(f"layer {name!r}, {t}: {e}") from None
+            entry[f"{t}_bits"] = q.bits
+            entry[f"{t}_scale"] = _value(grid.scale)
+            entry[f"{t}_zero_point"] = _value(grid.zero_point)
+            entry[f"{t}_qmin"] = grid.qmin
+            entry[f"{t}_qmax"] = grid.qmax
+            if grid.axis is not None:
+                entry[f"{t}_axis"] = grid.axis
+            if t != "weight":
+                entry[f"tracked_min_{t}"] = _value(lo)
+                entry[f"tracked_max_{t}"] = _value(hi)
+        out[name] = entry
+    return out
+
+
+def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, Any]]) -> nn.Module:
+    """Set the quantizers of an already quantized ``model`` from :func:`calibration_config`'s
+    output (e.g. read back from JSON).  Weight grids of QAT/PTQ/DoReFa are recomputed from the
+    weights at the next forward pass; LSQ steps and all activation ranges are restored."""
+    layers = quantized_layers(model)
+    for name, entry in calib.items():
+        if name not in layers:
+            raise ConfigError(f"calibration names layer {name!r}, which is not quantized in this model; quantized: {list(layers)}")
+        wrapper = layers[name]
+        for t, q in wrapper.quantizers().items():
+            if f"{t}_bits" not in entry:
+                raise ConfigError(f"calibration of {name!r} has no {t}_bits but the layer quantizes its {t}")
+            if entry[f"{t}_bits"] != q.bits:
+                raise ConfigError(f"calibration of {name!r} has {t}_bits {entry[f'{t}_bits']}, the layer {q.bits}")
+            grid = AffineGrid(
+                torch.tensor(entry[f"{t}_scale"], dtype=torch.float32),
+                torch.tensor(entry[f"{t}_zero_point"], dtype=torch.int64),
+                int(entry[f"{t}_qmin"]),
+                int(entry[f"{t}_qmax"]),
+                entry.get(f"{t}_axis"),
+            )
+            tracked = None
+            if t != "weight" and isinstance(q, RangeQuantizer):
+                tracked = (
+                    torch.tensor(entry[f"tracked_min_{t}"], dtype=torch.float32),
+                    torch.tensor(entry[f"tracked_max_{t}"], dtype=torch.float32),
+                )
+            elif t == "weight" and isinstance(q, RangeQuantizer):
+                zp = grid.zero_point.to(torch.float32)
+                tracked = ((grid.qmin - zp) * grid.scale, (grid.qmax - zp) * grid.scale)
+            q.load_grid(grid, tracked)
+    return model
+
+
+@torch.no_grad()
+def fold(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every :class:`QuantWrapper` replaced by its plain layer
+    (``nn.Linear`` / ``nn.Conv*d``) whose weight holds the quantized (dequantized float) values the
+    wrapper uses in eval mode — what NNI's export saved.  No lowbit class is left.
+
+    Only weights are baked in: input/output (activation) quantization is dropped, so the folded
+    model reproduces the simulated model's outputs exactly when only weights are quantized, and
+    approximately otherwise.  ``model`` itself is not changed.
+    """
+    folded = copy.deepcopy(model)
+    for name, wrapper in quantized_layers(folded).items():
+        layer = wrapper.module
+        wq = wrapper.quantized_weight()
+        layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
+        parent, attr = _parent(folded, name)
+        setattr(parent, attr, layer)
+    return folded
