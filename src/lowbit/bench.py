@@ -333,10 +333,9 @@ def _torch_loss(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, batch: int
     return total / len(x)
 
 
-def gemm_ratio(shapes: Sequence[tuple[int, int]], batch: int, threads: int = 1, repeats: int = 5) -> dict[str, Any]:
-    """This machine's int8/fp32 GEMM speed ratio on ``shapes`` (``(in, out)`` per layer) at ``batch``:
-    ONNX Runtime ``MatMulInteger`` (u8×s8 and u8×u8) against ``torch.mm`` in fp32, interleaved."""
-    import onnx
+def _gemm_fns(shapes: Sequence[tuple[int, int]], batch: int, threads: int) -> dict[str, Callable[[], Any]]:
+    """One GEMM per layer shape as ``nn.Linear`` runs it in fp32 (``x @ W.T``) and as ONNX Runtime's
+    ``MatMulInteger`` runs it with u8 activations and s8 / u8 constant (prepacked) weights."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -361,16 +360,16 @@ def gemm_ratio(shapes: Sequence[tuple[int, int]], batch: int, threads: int = 1, 
     for i, (k, n) in enumerate(shapes):
         a8 = rng.integers(0, 256, (batch, k)).astype(np.uint8)
         af = torch.rand(batch, k)
-        bf = torch.randn(k, n)
+        wf = torch.randn(n, k)
         s1, s2 = mmi(k, n, True), mmi(k, n, False)
-        fns[f"fp32/{i}"] = (lambda a, b: lambda: torch.mm(a, b))(af, bf)
-        fns[f"u8s8/{i}"] = (lambda s, a: lambda: s.run(None, {"a": a}))(s1, a8)
-        fns[f"u8u8/{i}"] = (lambda s, a: lambda: s.run(None, {"a": a}))(s2, a8)
-    with _torch_threads(threads):
-        times = _interleaved(fns, repeats)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tot = {kind: sum(v for k, v in med.items() if k.startswith(kind + "/")) for kind in ("fp32", "u8s8", "u8u8")}
-    _ = onnx
+        fns[f"gemm/fp32/{i}"] = (lambda a, w: lambda: torch.mm(a, w.t()))(af, wf)
+        fns[f"gemm/u8s8/{i}"] = (lambda s, a: lambda: s.run(None, {"a": a}))(s1, a8)
+        fns[f"gemm/u8u8/{i}"] = (lambda s, a: lambda: s.run(None, {"a": a}))(s2, a8)
+    return fns
+
+
+def _gemm_summary(med: dict[str, float], shapes, batch: int, threads: int) -> dict[str, Any]:
+    tot = {kind: sum(v for k, v in med.items() if k.startswith(f"gemm/{kind}/")) for kind in ("fp32", "u8s8", "u8u8")}
     return {
         "batch": batch,
         "threads": threads,
@@ -379,6 +378,15 @@ def gemm_ratio(shapes: Sequence[tuple[int, int]], batch: int, threads: int = 1, 
         "ratio_u8s8": tot["fp32"] / tot["u8s8"],
         "ratio_u8u8": tot["fp32"] / tot["u8u8"],
     }
+
+
+def gemm_ratio(shapes: Sequence[tuple[int, int]], batch: int, threads: int = 1, repeats: int = 5) -> dict[str, Any]:
+    """This machine's int8/fp32 GEMM speed ratio on ``shapes`` (``(in, out)`` per layer) at ``batch``:
+    ONNX Runtime ``MatMulInteger`` (u8×s8 and u8×u8) against ``torch.mm`` in fp32, interleaved."""
+    fns = _gemm_fns(shapes, batch, threads)
+    with _torch_threads(threads):
+        times = _interleaved(fns, repeats)
+    return _gemm_summary({k: statistics.median(v) for k, v in times.items()}, shapes, batch, threads)
 
 
 def _linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
@@ -631,8 +639,11 @@ def bench_model(
             row.loss = vae_test_loss(s, x, eps, batch)
 
         # timings: interleaved, medians
+        # the GEMM ceiling is timed in the same rounds as the models, under the same load
+        shapes = _linear_shapes(model)
+        gemm_fns = _gemm_fns(shapes, batch, threads)
         with _torch_threads(threads):
-            tb = _interleaved({k: v[0] for k, v in runners.items()}, repeats)
+            tb = _interleaved({**{k: v[0] for k, v in runners.items()}, **gemm_fns}, repeats)
             # batch 1: short bursts (steady state per model) over many rounds, so that load from
             # other processes lands on every row alike
             chunk = min(25, latency_iters)
@@ -642,8 +653,8 @@ def bench_model(
                 r.batch_seconds = statistics.median(tb[r.name])
                 r.throughput = batch / r.batch_seconds
                 r.latency_ms = statistics.median(t1[r.name]) * 1e3
-        # the GEMM ceiling
-        gemm = gemm_ratio(_linear_shapes(model), batch, threads, repeats)
+        gemm = _gemm_summary({k: statistics.median(v) for k, v in tb.items() if k.startswith("gemm/")},
+                             shapes, batch, threads)
         i8 = next((r for r in rows if r.name == ORT_INT8 and not r.skipped), None)
         used = "u8u8" if (i8 and i8.kernel and i8.kernel.startswith("u8u8")) else "u8s8"
         gemm["kernel_used"] = used
