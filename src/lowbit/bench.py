@@ -246,7 +246,7 @@ class BenchResult:
         console.print(f"GPU: {self.gpu.get('status')}")
         checks = self.checks()
         if checks:
-            c = Table(title="targets (W8A8 on all layers, 1 thread)")
+            c = Table(title="the deployment targets (set for W8A8 on all five VAE layers, 1 thread)")
             for h in ("target", "measured", "goal", "met"):
                 c.add_column(h)
             for ch in checks:
