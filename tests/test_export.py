@@ -420,3 +420,21 @@ def test_real_mnist_vae_deployed_loss_matches_simulation(mnist, tmp_path):
         elif rt.u8s8_can_saturate():
             # full 8-bit per-channel weights on a CPU without VNNI: auto switches to u8 x u8
             assert sess.info.int8_kernel.startswith("u8u8")
+
+
+def test_int8_activation_codes_for_runtimes_that_want_them(tmp_path):
+    """``activations="int8"`` (TensorRT's convention, with symmetric grids: zero point 0)."""
+    torch.manual_seed(0)
+    m = VAE()
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"],
+                         "quant_dtype": {"input": "int", "weight": "int"},
+                         "quant_scheme": {"input": "symmetric", "weight": "symmetric"}}], "ptq")
+    lowbit.calibrate(m, [_images(256)], forward=lambda mm, b: mm(b, torch.zeros(len(b), mm.latent)))
+    m.eval()
+    path = lowbit.export(m, tmp_path / "s8.onnx", vae_graph="eps", activations="int8")
+    proto = onnx.load(path)
+    zps = [i for i in proto.graph.initializer if i.name.endswith("input/zero_point")]
+    assert zps and all(i.data_type == TensorProto.INT8 and not onnx.numpy_helper.to_array(i).any() for i in zps)
+    x, eps = _images(200, 3), eval_eps(200, 20)
+    out = rt.load_session(path, precision="exact").run(x.numpy(), eps.numpy())
+    assert abs(_loss(out, x) - _loss(_sim(m, x, eps), x)) < 0.01
