@@ -70,7 +70,7 @@ def test_gemm_ratio_and_checks(result):
     assert len(g["shapes"]) == 5 and g["batch"] == N
     checks = {c["check"]: c for c in result.checks()}
     assert len(checks) == 8
-    assert checks["int8 |loss - simulated| (nats)"]["pass"] is True
+    assert checks["int8 test-loss gap to the simulation (nats)"]["pass"] is True
     assert checks["int4 file / fp32 ONNX"]["pass"] is True
     assert all(c["pass"] in (True, False) for c in checks.values())
 

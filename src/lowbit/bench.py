@@ -119,7 +119,7 @@ class BenchResult:
             checks.append({"check": name, "value": value, "op": op, "target": target, "pass": ok, "note": note})
 
         if i8 and not i8.skipped:
-            add("int8 |loss - simulated| (nats)", None if i8.parity is None else abs(i8.parity), "<=",
+            add("int8 test-loss gap to the simulation (nats)", None if i8.parity is None else abs(i8.parity), "<=",
                 TARGETS["int8_parity_nats"])
             add("int8 file / fp32 ONNX", _div(i8.file_bytes, ortf and ortf.file_bytes), "<=",
                 TARGETS["int8_size_vs_fp32_onnx"])
@@ -135,7 +135,7 @@ class BenchResult:
                 TARGETS["int8_throughput_vs_gemm_ratio"],
                 f"GEMM ratio {ceiling:.2f}x ({self.gemm.get('kernel_used')})" if ceiling else "")
         if i4 and not i4.skipped:
-            add("int4 |loss - simulated| (nats)", None if i4.parity is None else abs(i4.parity), "<=",
+            add("int4 test-loss gap to the simulation (nats)", None if i4.parity is None else abs(i4.parity), "<=",
                 TARGETS["int4_parity_nats"])
             add("int4 file / fp32 ONNX", _div(i4.file_bytes, ortf and ortf.file_bytes), "<=",
                 TARGETS["int4_size_vs_fp32_onnx"])
@@ -212,7 +212,7 @@ class BenchResult:
                 v = "—" if c["value"] is None else f"{c['value']:.3f}"
                 met = "—" if c["pass"] is None else ("yes" if c["pass"] else "**no**")
                 note = f" ({c['note']})" if c["note"] else ""
-                lines.append(f"| {c['check']}{note} | {v} | {c['op']} {c['target']} | {met} |")
+                lines.append(f"| {(c['check'] + note).replace('|', '/')} | {v} | {c['op']} {c['target']} | {met} |")
         notes = self.settings.get("notes") or []
         if notes:
             lines += [""] + [f"- {n}" for n in notes]
