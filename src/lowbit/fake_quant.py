@@ -311,15 +311,16 @@ class _LSQFakeQuant(torch.autograd.Function):
             lo, hi = qmin - zp, qmax - zp
             out = (x * f32(1.0 / s)).round_().clamp_(lo, hi).mul_(s)
             ctx.save_for_backward(x, out)
-            ctx.scalar = (s, (lo - 0.5) * s, (hi + 0.5) * s, -1.0 if raw < 0 else 1.0)
+            # the paper clips before rounding: inside means lo < x / s < hi (strictly)
+            ctx.scalar = (s, lo * s, hi * s, -1.0 if raw < 0 else 1.0)
             return out
         ctx.scalar = None
         s_t = scale.abs().clamp_min(MIN_SCALE)
         zp_t = None if zero_point is None else torch.round(zero_point).clamp(qmin, qmax)
         s, inv, lo, hi = _resolve(x, s_t, zp_t, qmin, qmax, axis)
-        r = (x * inv).round_()
-        out = _clamp(r, lo, hi, False).mul_(s)  # c * s, c = clamp(r)
-        ctx.save_for_backward(x, out, r, scale.detach())
+        v = x * inv
+        out = _clamp(torch.round(v), lo, hi, False).mul_(s)  # c * s, c = clamp(round(v))
+        ctx.save_for_backward(x, out, v, scale.detach())
         ctx.s = s
         ctx.bounds = (lo, hi)
         return out
@@ -339,10 +340,10 @@ class _LSQFakeQuant(torch.autograd.Function):
                 # d x_hat / d zp = -s where clamped, 0 inside (straight through the rounding)
                 gzp = ((gx.sum() - g.sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
             return gx, gs, gzp, None, None, None, None
-        x, out, r, scale = ctx.saved_tensors
+        x, out, v, scale = ctx.saved_tensors
         s = ctx.s
         lo, hi = ctx.bounds
-        gx = _in_range_grad(g, r, lo, hi)
+        gx = torch.where((v > lo) & (v < hi), g, torch.zeros((), dtype=g.dtype, device=g.device))
         gs = gzp = None
         s_vec = s.reshape(-1) if ctx.axis is not None else s
         if ctx.needs_input_grad[1]:
@@ -367,11 +368,14 @@ def lsq_fake_quantize(
     the step) and, if given, a learnable float ``zero_point`` (LSQ+; rounded to an integer and clamped
     into ``[qmin, qmax]`` in the forward pass, straight through in the backward pass).
 
-    Gradients (``v`` = x / scale, ``c`` = clamp(round(v), qmin - zp, qmax - zp)):
-    ``dL/dx = g`` inside the range, 0 outside; ``dL/dscale = grad_factor * sum(g * (c - v))``
-    inside and ``grad_factor * sum(g * c)`` outside (c is then ``qmin - zp`` or ``qmax - zp``);
-    ``dL/dzero_point = -grad_factor * scale * sum(g)`` over the clamped elements.
-    These are the gradients of ``torch._fake_quantize_learnable_per_tensor_affine``.
+    Gradients, as in the paper, which clips ``v = x / scale`` to ``[qmin - zp, qmax - zp]`` before
+    rounding (``c`` = the clipped, rounded code minus the zero point): "inside" means
+    ``qmin - zp < v < qmax - zp``; ``dL/dx = g`` inside, 0 outside;
+    ``dL/dscale = grad_factor * sum(g * (c - v))`` inside and ``grad_factor * sum(g * c)`` outside
+    (c is then ``qmin - zp`` or ``qmax - zp``: the paper's ``-Qn`` / ``Qp``);
+    ``dL/dzero_point = -grad_factor * scale * sum(g)`` over the elements outside.
+    Values are those of ``torch._fake_quantize_learnable_per_tensor_affine``; its gradients differ
+    only for ``v`` within half a step beyond either end, which it counts as inside.
     """
     return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis)
 

@@ -50,8 +50,9 @@ __all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "Grad
 
 def dorefa_weight_codes(w: Tensor, range_bits: int, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
     """``(codes, scale, tanh(w), max|tanh(w)|, kappa)`` of DoReFa's weight transform;
-    ``codes * scale`` is the quantized weight, ``kappa`` its slope with respect to ``tanh(w)/max``
-    (the straight-through derivative).  Codes are float tensors holding integers."""
+    ``codes * scale`` is the quantized weight and ``kappa`` the slope of the codes with respect to
+    ``u = tanh(w) / max|tanh(w)|`` through the rounding (straight through): ``n`` for the scaled
+    variant, ``2^k - 1`` for the paper's.  Codes are float tensors holding integers."""
     t = torch.tanh(w)
     mn, mx = torch.aminmax(t)
     m = torch.maximum(-mn, mx).clamp_min(torch.finfo(t.dtype).tiny)
@@ -60,7 +61,7 @@ def dorefa_weight_codes(w: Tensor, range_bits: int, variant: str) -> tuple[Tenso
         q = (t / (2 * m)).add_(0.5).mul_(levels).round_()
         codes = q.mul_(2).sub_(levels)
         scale = torch.tensor(1.0 / levels, dtype=t.dtype)
-        return codes, scale, t, m, 1.0
+        return codes, scale, t, m, float(levels)  # codes ~ levels * t / m
     n = (1 << (range_bits - 1)) - 1
     wmn, wmx = torch.aminmax(w)
     scale = (torch.maximum(-wmn, wmx) / n).clamp_min(MIN_SCALE)

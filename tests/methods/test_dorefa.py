@@ -1,0 +1,127 @@
+"""DoReFa (Zhou et al. 2016): the paper's weight transform on 2^k levels in [-1, 1], lowbit's
+scaled deployable variant, [0, 1] activations, stochastic gradient quantization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.methods.dorefa import dorefa_weight_codes
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def layer(bits=4, types=("weight",), **extra):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16))
+    cfg = [{"quant_types": list(types), "quant_bits": bits, "op_types": ["Linear"], **extra}]
+    return lowbit.quantize(m, cfg, "dorefa")[0]
+
+
+def paper_reference(w, k):
+    t = torch.tanh(w)
+    x = t / (2 * t.abs().max()) + 0.5
+    n = 2**k - 1
+    return 2 * (torch.round(x * n) / n) - 1
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_paper_weights_lie_in_minus1_1_on_2_to_the_k_levels(k):
+    w = layer(k, dorefa_variant="paper")
+    weight = w.module.weight.detach() * 5
+    y = w.weight_quantizer(weight)
+    assert y.min() >= -1 and y.max() <= 1
+    levels = torch.linspace(-1, 1, 2**k)
+    assert torch.isclose(y[..., None], levels, atol=1e-6).any(-1).all()  # every value is a level
+    assert y.unique().numel() <= 2**k
+    assert torch.allclose(y, paper_reference(weight, k), atol=1e-6)
+    g = w.weight_quantizer.grid()
+    assert (g.qmin, g.qmax) == (-(2**k - 1), 2**k - 1) and g.scale.item() == pytest.approx(1 / (2**k - 1))
+    assert torch.equal(g.dequantize(w.weight_quantizer.quantize_int(weight)), y)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_scaled_variant_keeps_magnitude_on_a_symmetric_integer_grid(k):
+    w = layer(k)
+    weight = w.module.weight.detach()
+    y = w.weight_quantizer(weight)
+    n = 2 ** (k - 1) - 1
+    assert y.abs().max().item() == pytest.approx(weight.abs().max().item(), rel=1e-6)
+    assert y.unique().numel() <= 2**k - 1
+    g = w.weight_quantizer.grid()
+    assert (g.qmin, g.qmax) == (-n, n) and g.zero_point.item() == 0
+    codes = w.weight_quantizer.quantize_int(weight)
+    t = torch.tanh(weight)
+    assert torch.equal(codes, torch.round(t / t.abs().max() * n).long())
+    assert torch.equal(g.dequantize(codes), y)
+
+
+def test_weight_gradient_is_the_papers_through_tanh_and_max():
+    for variant in ("paper", "scaled"):
+        w = layer(4, dorefa_variant=variant)
+        weight = (w.module.weight.detach() * 3).requires_grad_()
+        up = torch.randn_like(weight)
+        w.weight_quantizer(weight).backward(up)
+        got = weight.grad.clone()
+        # reference: autograd through tanh and max, straight through the rounding
+        ref_w = weight.detach().clone().requires_grad_()
+        t = torch.tanh(ref_w)
+        u = t / t.abs().max()
+        kappa = 1.0 if variant == "paper" else ref_w.detach().abs().max()
+        (u * kappa).backward(up)
+        assert torch.allclose(got, ref_w.grad, rtol=1e-4, atol=1e-6), variant
+
+
+def test_one_bit_is_sign_times_mean_abs():
+    w = layer(1)
+    weight = w.module.weight.detach()
+    y = w.weight_quantizer(weight)
+    e = weight.abs().mean()
+    assert torch.allclose(y, torch.where(weight >= 0, e, -e))
+    g = w.weight_quantizer.grid()
+    assert torch.equal(g.dequantize(w.weight_quantizer.quantize_int(weight)), y)
+
+
+def test_activations_clipped_to_0_1_on_k_bits():
+    w = layer(3, types=("weight", "input"))
+    iq = w.input_quantizer
+    x = torch.linspace(-1, 2, 301, requires_grad=True)
+    y = iq(x)
+    assert y.min() == 0 and y.max() == 1
+    assert torch.allclose(y * 7, (y * 7).round(), atol=1e-5) and y.unique().numel() == 8
+    y.sum().backward()
+    inside = (x.detach() > -0.5 / 7) & (x.detach() < 1 + 0.5 / 7)
+    assert torch.equal(x.grad, inside.float())
+    ref = torch.fake_quantize_per_tensor_affine(x.detach(), 1 / 7, 0, 0, 7)
+    assert torch.equal(y.detach(), ref)
+
+
+def test_gradient_bits_quantizes_the_output_gradient():
+    torch.manual_seed(0)
+    w = layer(8, gradient_bits=2)
+    x = torch.randn(4, 32, requires_grad=True)
+    out = w(x)
+    captured = {}
+    out.register_hook(lambda g: captured.setdefault("g", g))
+    up = torch.randn(4, 16)
+    out.backward(up)
+    # the gradient reaching the layer is on a 2-bit grid per sample
+    ww = w.weight_quantizer(w.module.weight).detach()
+    gq = x.grad @ torch.linalg.pinv(ww)  # recover the quantized output gradient
+    m = up.abs().amax(1, keepdim=True)
+    lv = (gq / (2 * m) + 0.5) * 3
+    assert torch.allclose(lv, lv.round(), atol=1e-3)
+
+
+def test_codes_function_matches_quantizer():
+    w = torch.randn(10, 10)
+    codes, scale, *_ = dorefa_weight_codes(w, 4, "scaled")
+    assert codes.abs().max() <= 7 and scale.item() == pytest.approx(w.abs().max().item() / 7)

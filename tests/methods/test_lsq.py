@@ -1,0 +1,147 @@
+"""LSQ (Esser et al. 2020): initialisation, signedness, the step-size gradient with its scale,
+LSQ+ offsets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def layer(bits=4, types=("weight", "input"), in_features=16, **extra):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(in_features, 8))
+    cfg = [{"quant_types": list(types), "quant_bits": bits, "op_types": ["Linear"], **extra}]
+    return lowbit.quantize(m, cfg, "lsq")[0]
+
+
+def test_weight_step_initialisation():
+    for bits in (2, 4, 8):
+        w = layer(bits)
+        qp = 2 ** (bits - 1) - 1
+        expected = 2 * w.module.weight.abs().mean().item() / math.sqrt(qp)
+        assert w.weight_quantizer.scale.item() == pytest.approx(expected, rel=1e-6)
+        g = w.weight_quantizer.grid()
+        assert (g.qmin, g.qmax) == (-(2 ** (bits - 1)), qp)
+
+
+def test_per_channel_weight_steps():
+    w = layer(granularity={"weight": "per_channel"})
+    s = w.weight_quantizer.scale
+    assert s.shape == (8,)
+    assert torch.allclose(s, 2 * w.module.weight.abs().mean(1) / math.sqrt(7))
+
+
+def test_activation_initialised_on_first_batch_unsigned_when_non_negative():
+    w = layer(types=("input",))
+    iq = w.input_quantizer
+    assert not iq.initialized
+    x = torch.rand(32, 16)
+    w(x)
+    assert iq.initialized and not bool(iq.signed)
+    assert iq.scale.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
+    assert (iq.grid().qmin, iq.grid().qmax) == (0, 15)
+    # the second batch does not re-initialise
+    w(torch.rand(32, 16) * 10)
+    assert iq.scale.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
+
+
+def test_activation_signed_detection_and_override():
+    w = layer(types=("input",))
+    w(torch.randn(32, 16))
+    assert bool(w.input_quantizer.signed) and (w.input_quantizer.qmin, w.input_quantizer.qmax) == (-8, 7)
+    w = layer(types=("input",), quant_dtype="int")
+    w(torch.rand(32, 16))
+    assert (w.input_quantizer.qmin, w.input_quantizer.qmax) == (-8, 7)
+    w = layer(types=("input",), quant_dtype="uint")
+    w(torch.randn(32, 16))
+    assert (w.input_quantizer.qmin, w.input_quantizer.qmax) == (0, 15)
+    # the detected sign survives a state dict round trip
+    src = layer(types=("input",))
+    src(torch.randn(8, 16))
+    dst = layer(types=("input",))
+    dst.load_state_dict(src.state_dict())
+    dst.eval()
+    assert (dst.input_quantizer.qmin, dst.input_quantizer.qmax) == (-8, 7)
+
+
+def _closed_form(v, s, qn, qp, up):
+    r = v / s
+    d = torch.where(r <= -qn, torch.tensor(-float(qn)), torch.where(r >= qp, torch.tensor(float(qp)), torch.round(r) - r))
+    return (up * d).sum()
+
+
+def test_weight_step_gradient_is_the_papers_closed_form_with_its_scale():
+    w = layer(bits=3)
+    wq = w.weight_quantizer
+    weight = w.module.weight.detach()
+    with torch.no_grad():
+        wq.scale.fill_(0.05)  # some weights clip at 3 bits
+    up = torch.randn_like(weight)
+    wq(weight).backward(up)
+    qn, qp = 4, 3
+    expected = _closed_form(weight, 0.05, qn, qp, up) / math.sqrt(weight.numel() * qp)
+    assert wq.scale.grad.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+
+
+def test_activation_step_gradient_scale_uses_features_per_sample():
+    w = layer(bits=4, types=("input",), in_features=6)
+    iq = w.input_quantizer
+    x = torch.randn(5, 3, 6)  # rank 3: features per sample = 18
+    iq(x)  # initialise (signed)
+    iq.scale.grad = None
+    up = torch.randn(5, 3, 6)
+    iq(x).backward(up)
+    s = iq.scale.item()
+    expected = _closed_form(x, s, 8, 7, up) / math.sqrt(18 * 7)
+    assert iq.scale.grad.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+
+
+def test_values_on_the_grid_and_at_most_2_to_the_b():
+    w = layer(bits=3)
+    y = w.weight_quantizer(w.module.weight)
+    s = w.weight_quantizer.scale.item()
+    codes = y / s
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    assert y.unique().numel() <= 8 and codes.round().min() >= -4 and codes.round().max() <= 3
+
+
+def test_lsq_plus_learns_an_integer_offset():
+    w = layer(bits=4, types=("input",), lsq_plus=True)
+    iq = w.input_quantizer
+    x = torch.rand(64, 16) * 3 - 1  # [-1, 2]
+    y = w(x)
+    assert isinstance(iq.zero_point, nn.Parameter)
+    g = iq.grid()
+    assert (g.qmin, g.qmax) == (0, 15) and 0 < g.zero_point.item() < 15
+    assert g.scale.item() == pytest.approx(3 / 15, rel=0.05)
+    y.sum().backward()
+    assert iq.zero_point.grad is not None and iq.scale.grad is not None
+    params = lowbit.quantizer_parameters(w)
+    assert any(p is iq.zero_point for p in params)
+
+
+def test_steps_train_with_the_users_optimizer():
+    w = layer(bits=4)
+    opt = torch.optim.SGD(w.module.parameters(), lr=0.1)
+    opt.add_param_group({"params": lowbit.quantizer_parameters(w)})
+    x = torch.rand(32, 16)
+    before = w.weight_quantizer.scale.item()
+    for _ in range(3):
+        loss = (w(x) - 1).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert w.weight_quantizer.scale.item() != before

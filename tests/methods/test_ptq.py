@@ -1,0 +1,90 @@
+"""PTQ: min/max and percentile calibration over a few batches, no training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model(**extra):
+    m = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"], **extra}]
+    return lowbit.quantize(m, cfg, "ptq")
+
+
+def test_minmax_calibration_over_batches_then_frozen():
+    m = model()
+    assert lowbit.quantizer_parameters(m) == []
+    batches = [torch.randn(32, 16) * s for s in (1.0, 3.0, 0.5)]
+    lowbit.calibrate(m, batches)
+    iq = m[0].input_quantizer
+    lo, hi = iq.tracked_range()
+    allx = torch.cat(batches)
+    assert (lo.item(), hi.item()) == (allx.min().item(), allx.max().item())
+    g = iq.grid()
+    assert (g.qmin, g.qmax) == (0, 255)
+    assert g.scale.item() == pytest.approx((hi - lo).item() / 255, rel=1e-6)
+    m.eval()
+    m(torch.randn(4, 16) * 100)
+    assert iq.tracked_range()[1].item() == hi.item()
+    # the second layer's input is a ReLU output: its range starts at 0
+    assert m[2].input_quantizer.tracked_range()[0].item() == 0.0
+
+
+def test_symmetric_weights_on_the_narrow_signed_grid():
+    m = model()
+    wq = m[0].weight_quantizer
+    w = m[0].module.weight.detach()
+    q = wq.quantize_int(w)
+    g = wq.grid()
+    assert (g.qmin, g.qmax) == (-127, 127) and g.zero_point.item() == 0
+    assert g.scale.item() == pytest.approx(w.abs().max().item() / 127, rel=1e-6)
+    assert q.abs().max().item() == 127
+
+
+def test_percentile_calibration_ignores_outliers():
+    m = model(calibration="percentile", percentile=99.0)
+    x = torch.rand(64, 16)
+    x[0, 0] = 1000.0
+    lowbit.calibrate(m, [x])
+    lo, hi = m[0].input_quantizer.tracked_range()
+    assert hi.item() < 2.0
+    ref = torch.quantile(x.flatten(), 0.99).item()
+    assert hi.item() == pytest.approx(ref, rel=0.02)
+    # the mean over batches of the per-batch percentile
+    lowbit.calibrate(m, [torch.rand(64, 16) * 3])
+    assert m[0].input_quantizer.tracked_range()[1].item() > hi.item()
+    assert m[0].input_quantizer.state_dict()["batches"].item() == 2
+
+
+def test_per_channel_affine_weights():
+    m = model(quant_scheme={"weight": "per_channel_affine"})
+    wq = m[0].weight_quantizer
+    w = m[0].module.weight.detach()
+    y = wq(w)
+    g = wq.grid()
+    assert g.scale.shape == (8,) and g.zero_point.shape == (8,)
+    assert torch.equal(g.dequantize(wq.quantize_int(w)), y)
+    assert ((y - w).abs() <= g.scale[:, None] / 2 * 1.0001).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_at_most_2_to_the_b_levels(bits):
+    m = nn.Sequential(nn.Linear(16, 8))
+    lowbit.quantize(m, [{"quant_types": ["weight", "output"], "quant_bits": bits, "op_types": ["Linear"]}], "ptq")
+    lowbit.calibrate(m, [torch.randn(64, 16)])
+    m.eval()
+    y = m(torch.randn(256, 16))
+    assert y.unique().numel() <= 2**bits
+    assert m[0].weight_quantizer(m[0].module.weight).unique().numel() <= 2**bits - 1

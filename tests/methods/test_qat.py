@@ -1,0 +1,153 @@
+"""QAT (Jacob et al. 2018): affine ranges, EMA tracking, quant_start_step, clipped STE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.config import TensorSpec
+from lowbit.methods.base import RangeQuantizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def layer(bits=8, types=("weight", "input"), **extra):
+    model = nn.Sequential(nn.Linear(16, 8))
+    cfg = [{"quant_types": list(types), "quant_bits": bits, "op_types": ["Linear"], **extra}]
+    return lowbit.quantize(model, cfg, "qat")[0]
+
+
+def test_weight_range_is_the_current_weight_affine_signed():
+    wrapper = layer()
+    wq = wrapper.weight_quantizer
+    w = wrapper.module.weight.detach()
+    y = wq(w)
+    g = wq.grid()
+    assert (g.qmin, g.qmax) == (-128, 127) and g.qmin <= g.zero_point.item() <= g.qmax
+    lo, hi = min(w.min().item(), 0.0), max(w.max().item(), 0.0)
+    assert g.scale.item() == pytest.approx((hi - lo) / 255, rel=1e-6)
+    assert (y - w).abs().max() <= g.scale / 2 * 1.0001
+    assert y.unique().numel() <= 256
+    # the range follows the weight at every call
+    with torch.no_grad():
+        wrapper.module.weight.mul_(2)
+    wq(wrapper.module.weight)
+    assert wq.grid().scale.item() == pytest.approx(2 * g.scale.item(), rel=1e-5)
+
+
+def test_uint_weights_reproduce_nnis_grid():
+    wq = layer(quant_dtype={"weight": "uint"}).weight_quantizer
+    wq(torch.tensor([[-0.3, 0.0, 0.1]]))
+    g = wq.grid()
+    assert (g.qmin, g.qmax) == (0, 255)
+    assert g.zero_point.item() == round(0.3 / (0.4 / 255))
+
+
+def test_range_always_includes_zero():
+    wrapper = layer(types=("input",))
+    wrapper(torch.rand(4, 16) + 1.0)  # all inputs in [1, 2]
+    lo, hi = wrapper.input_quantizer.tracked_range()
+    g = wrapper.input_quantizer.grid()
+    assert lo.item() == 0.0 and g.zero_point.item() == 0
+    assert wrapper.input_quantizer(torch.zeros(3)).eq(0).all()
+
+
+def test_activation_ema_tracking():
+    q = layer(types=("input",)).input_quantizer
+    a = torch.tensor([-1.0, 2.0])
+    b = torch.tensor([-3.0, 4.0])
+    q(a)  # the first batch initialises
+    assert q.tracked_range()[0].item() == -1.0 and q.tracked_range()[1].item() == 2.0
+    q(b)
+    lo, hi = q.tracked_range()
+    assert lo.item() == pytest.approx(0.99 * -1.0 + 0.01 * -3.0, rel=1e-6)
+    assert hi.item() == pytest.approx(0.99 * 2.0 + 0.01 * 4.0, rel=1e-6)
+    # frozen in eval mode
+    q.eval()
+    q(torch.tensor([-100.0, 100.0]))
+    assert q.tracked_range()[1].item() == hi.item()
+    # and the buffers hold the same state (state_dict)
+    sd = q.state_dict()
+    assert sd["tracked_max"].item() == hi.item() and sd["initialized"].item()
+
+
+def test_ema_decay_option_and_tensor_path_agree():
+    q = layer(types=("input",), ema_decay=0.5).input_quantizer
+    q(torch.tensor([0.0, 2.0]))
+    q(torch.tensor([0.0, 4.0]))
+    assert q.tracked_range()[1].item() == 3.0
+    # the tensor path (used off the CPU) computes the same EMA and grid
+    spec = TensorSpec("input", 8, "per_tensor", "affine", "uint")
+    t = RangeQuantizer(spec, tracking="ema", decay=0.5)
+    for x in (torch.tensor([0.0, 2.0]), torch.tensor([0.0, 4.0])):
+        lo, hi = torch.aminmax(x)
+        t._observe_tensor(lo, hi)
+    assert t.grid().scale.item() == q.grid().scale.item()
+
+
+def test_clipped_ste_for_activations():
+    q = layer(types=("input",)).input_quantizer
+    q(torch.tensor([0.0, 1.0]))  # range [0, 1]
+    x = torch.tensor([-0.5, 0.25, 0.75, 1.5], requires_grad=True)
+    q.eval()
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_weight_gradient_is_straight_through():
+    wrapper = layer(types=("weight",))
+    w = wrapper.module.weight
+    wrapper.weight_quantizer(w).sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+
+
+def test_quant_start_step_counts_training_forward_passes():
+    wrapper = layer(quant_start_step=3)
+    x = torch.randn(4, 16)
+    float_out = nn.functional.linear(x, wrapper.module.weight, wrapper.module.bias)
+    for _ in range(3):
+        assert torch.equal(wrapper(x), float_out)
+    assert not torch.equal(wrapper(x), float_out)  # the 4th pass is quantized
+    assert wrapper.weight_quantizer.state_dict()["step"].item() == 3
+    # ranges were tracked during the delay
+    assert wrapper.input_quantizer.tracked_range()[1].item() > 0
+    # a fresh model loading the state continues where it stopped
+    fresh = layer(quant_start_step=3)
+    fresh.load_state_dict(wrapper.state_dict())
+    assert not torch.equal(fresh(x), float_out)
+
+
+def test_quant_start_step_in_eval_mode_before_start_is_float():
+    wrapper = layer(quant_start_step=10)
+    x = torch.randn(2, 16)
+    wrapper(x)
+    wrapper.eval()
+    assert torch.equal(wrapper(x), nn.functional.linear(x, wrapper.module.weight, wrapper.module.bias))
+
+
+def test_per_channel_weights():
+    wrapper = layer(bits=4, granularity={"weight": "per_channel"})
+    wq = wrapper.weight_quantizer
+    w = wrapper.module.weight.detach()
+    y = wq(w)
+    g = wq.grid()
+    assert g.scale.shape == (8,) and g.axis == 0
+    for c in range(8):
+        assert y[c].unique().numel() <= 16
+        lo, hi = min(w[c].min().item(), 0.0), max(w[c].max().item(), 0.0)
+        assert g.scale[c].item() == pytest.approx((hi - lo) / 15, rel=1e-5)
+
+
+def test_reduced_weight_range():
+    wq = layer(weight_range="reduced").weight_quantizer
+    wq(torch.randn(8, 16))
+    g = wq.grid()
+    assert (g.qmin, g.qmax) == (-64, 63)

@@ -1,0 +1,218 @@
+"""QuantWrapper: in-place replacement, printing, state dicts, the quantizer contract of
+docs/INTERFACES.md, repeated calls and inputs of any rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lowbit
+from lowbit.fake_quant import AffineGrid
+from lowbit.methods import NotCalibratedError, Quantizer
+from lowbit.models.vae import VAE, vae_loss
+from lowbit.modules import QuantWrapper
+
+STUDY = ["fc1", "fc21", "fc22", "fc3"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster and immune to OpenMP spinning on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+METHODS = ["qat", "dorefa", "lsq", "ptq"]
+
+
+def w8a8(layers=STUDY, bits=8, **extra):
+    return [{"quant_types": ["weight", "input"], "quant_bits": bits, "op_names": layers, **extra}]
+
+
+class SmallConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 8, 3, stride=2, padding_mode="reflect", padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+def train_steps(model, steps=3, seed=0, batch=32):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    for _ in range(steps):
+        x = torch.rand(batch, 784, generator=g)
+        logits, mu, logvar = model(x)
+        loss = vae_loss(logits, x, mu, logvar).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_wrapper_replaces_the_layer_in_place(method):
+    model = VAE()
+    fc1 = model.fc1
+    weight = fc1.weight
+    out = lowbit.quantize(model, w8a8(), method)
+    assert out is model
+    assert isinstance(model.fc1, QuantWrapper) and model.fc1.module is fc1 and model.fc1.weight is weight
+    assert model.fc1.method == method and isinstance(model.fc4, nn.Linear)
+    assert isinstance(model.fc1.weight_quantizer, Quantizer) and isinstance(model.fc1.input_quantizer, Quantizer)
+    assert model.fc1.output_quantizer is None
+    assert "fc1.module.weight" in model.state_dict()
+
+
+def test_print_shows_method_bits_granularity_and_ranges():
+    model = lowbit.quantize(VAE(), w8a8(granularity={"weight": "per_channel"}), "qat")
+    text = str(model)
+    assert text.count("QuantWrapper(") == 4 and "(fc4): Linear(" in text
+    assert "method=qat" in text and "weight=8b per_channel affine int" in text and "input=8b per_tensor affine uint" in text
+    assert "uncalibrated" in text
+    train_steps(model, 1)
+    text = str(model)
+    assert "uncalibrated" not in text and "scale=" in text and "range=[" in text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_loads_into_a_freshly_quantized_model(method, tmp_path):
+    torch.manual_seed(0)
+    model = train_steps(lowbit.quantize(VAE(), w8a8(), method))
+    model.eval()
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    fresh = lowbit.quantize(VAE(), w8a8(), method)
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    fresh.eval()
+    x = torch.rand(16, 784)
+    eps = torch.zeros(16, 20)
+    assert torch.equal(model(x, eps)[0], fresh(x, eps)[0])
+    assert lowbit.calibration_config(fresh) == lowbit.calibration_config(model)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("cfg", ["w8a8", "w4a4_per_channel", "w3_reduced"])
+def test_quantizer_contract(method, cfg):
+    """grid().dequantize(quantize_int(x)) == forward(x) in eval mode, bit for bit; activation
+    quantizers are torch.fake_quantize_per_tensor_affine on their grid."""
+    if cfg == "w8a8":
+        config = w8a8()
+    elif cfg == "w4a4_per_channel":
+        if method == "dorefa":
+            pytest.skip("DoReFa weights are per-tensor")
+        config = w8a8(bits=4, granularity={"weight": "per_channel"})
+    else:
+        config = w8a8(bits=3, weight_range="reduced")
+    torch.manual_seed(1)
+    model = train_steps(lowbit.quantize(VAE(), config, method), steps=2)
+    model.eval()
+    x = torch.rand(64, 784)
+    for name, wrapper in _wrappers(model):
+        wq = wrapper.weight_quantizer
+        w = wrapper.module.weight.detach()
+        q = wq.quantize_int(w)
+        g = wq.grid()
+        assert isinstance(g, AffineGrid) and q.dtype == torch.int64
+        assert int(q.min()) >= g.qmin and int(q.max()) <= g.qmax
+        assert torch.equal(g.dequantize(q), wq(w)), name
+        assert g.zero_point.dtype == torch.int64 and g.scale.dtype == torch.float32
+        if cfg == "w3_reduced":
+            assert g.qmax <= 3  # one bit less of range
+        iq = wrapper.input_quantizer
+        a = torch.randn(64, wrapper.module.in_features) * 2
+        ga = iq.grid()
+        ref = torch.fake_quantize_per_tensor_affine(a, ga.scale, ga.zero_point.to(torch.int32), ga.qmin, ga.qmax)
+        assert torch.equal(iq(a), ref)
+        assert torch.equal(ga.dequantize(iq.quantize_int(a)), ref)
+    assert model(x, torch.zeros(64, 20))[0].isfinite().all()
+
+
+def _wrappers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
+
+
+@pytest.mark.parametrize("method", ["qat", "lsq", "ptq"])
+def test_eval_before_any_data_raises_not_calibrated(method):
+    model = lowbit.quantize(VAE(), w8a8(), method).eval()
+    with pytest.raises(NotCalibratedError):
+        model(torch.rand(2, 784))
+    with pytest.raises(NotCalibratedError):
+        lowbit.calibration_config(model)
+
+
+class Twice(nn.Module):
+    """Calls the same layer twice and feeds it inputs of rank 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):  # x: (B, T, 6)
+        return self.out(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_layers_called_twice_and_inputs_of_any_rank(method):
+    torch.manual_seed(0)
+    model = lowbit.quantize(Twice(), [{"quant_types": ["weight", "input", "output"], "quant_bits": 6, "op_types": ["Linear"]}], method)
+    opt = torch.optim.SGD(list(model.parameters()), lr=1e-2)
+    for _ in range(3):
+        x = torch.randn(4, 5, 6)
+        loss = model(x).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    y = model(torch.randn(3, 5, 6))
+    assert y.shape == (3, 5, 2)
+    # a 1-D input (no batch axis) works too
+    assert model(torch.randn(6)).shape == (2,)
+
+
+def test_qat_ema_sees_both_calls_of_a_shared_layer():
+    model = lowbit.quantize(Twice(), [{"quant_types": ["input"], "quant_bits": 8, "op_names": ["shared"]}], "qat")
+    iq = model.shared.input_quantizer
+    x = torch.full((2, 1, 6), -3.0)
+    model(x)  # first call sees -3 (initialises), second call sees relu(...) >= 0
+    lo, hi = iq.tracked_range()
+    assert lo.item() == pytest.approx(-3.0 * 0.99, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_conv_model_per_tensor_and_per_channel(method):
+    torch.manual_seed(0)
+    gran = "per_tensor" if method == "dorefa" else "per_channel"
+    cfg = [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"], "granularity": {"weight": gran}}]
+    model = lowbit.quantize(SmallConv(), cfg, method)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(2):
+        loss = model(torch.rand(8, 1, 8, 8)).logsumexp(1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    y = model(torch.rand(2, 1, 8, 8))
+    assert y.shape == (2, 10)
+    wq = model.conv2.weight_quantizer
+    g = wq.grid()
+    assert g.axis == (0 if gran == "per_channel" else None)
+    if gran == "per_channel":
+        assert g.scale.shape == (8,)
+    w = model.conv2.module.weight.detach()
+    assert torch.equal(g.dequantize(wq.quantize_int(w)), wq(w))
+    # the wrapper runs the layer's own convolution (reflect padding, stride)
+    plain = nn.Conv2d(4, 8, 3, stride=2, padding_mode="reflect", padding=1)
+    plain.weight.data.copy_(wq(w))
+    plain.bias.data.copy_(model.conv2.module.bias.detach())
+    a = torch.rand(2, 4, 8, 8) * 0  # exactly representable input: zero
+    model.conv2.input_quantizer.eval()
+    assert torch.equal(model.conv2(a), plain(a))

@@ -1,0 +1,224 @@
+"""The verbs: quantize (optimizer hookup), calibrate, calibration_config (NNI format, JSON round
+trip, load back), fold (plain float model reproducing the simulated outputs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.models.vae import VAE, vae_loss
+from lowbit.modules import QuantWrapper
+from lowbit.quantize import quantized_layers
+
+STUDY = ["fc1", "fc21", "fc22", "fc3"]
+METHODS = ["qat", "dorefa", "lsq", "ptq"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(types=("weight", "input"), bits=8, layers=STUDY, **extra):
+    return [{"quant_types": list(types), "quant_bits": bits, "op_names": list(layers), **extra}]
+
+
+def train(model, opt=None, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = opt or torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x = torch.rand(32, 784, generator=g)
+        logits, mu, logvar = model(x)
+        loss = vae_loss(logits, x, mu, logvar).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def float_copy(model: VAE) -> VAE:
+    """A float VAE with the (float) weights of a quantized one."""
+    out = VAE()
+    for name, child in out.named_children():
+        src = getattr(model, name)
+        child.load_state_dict((src.module if isinstance(src, QuantWrapper) else src).state_dict())
+    return out
+
+
+class SmallConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, stride=2), nn.ReLU())
+        self.fc = nn.Linear(8 * 3 * 3, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def test_lsq_steps_join_the_given_optimizer_and_train():
+    model = VAE()
+    opt = torch.optim.Adam(model.parameters(), 1e-3, weight_decay=1e-4)
+    lowbit.quantize(model, cfg(), "lsq", optimizer=opt)
+    params = lowbit.quantizer_parameters(model)
+    assert len(params) == 8  # a step per weight and per input quantizer
+    assert len(opt.param_groups) == 2
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in params}
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[1]["lr"] == 1e-3
+    before = [p.detach().clone() for p in params]
+    train(model, opt)
+    assert all(not torch.equal(b, p) for b, p in zip(before, params))  # the steps trained
+    # quantizing more layers adds only the new parameters
+    lowbit.quantize(model, cfg(layers=["fc4"]), "lsq", optimizer=opt)
+    assert len(opt.param_groups) == 3 and len(opt.param_groups[2]["params"]) == 2
+
+
+@pytest.mark.parametrize("method", ["qat", "dorefa", "ptq"])
+def test_methods_without_parameters_leave_the_optimizer_alone(method):
+    model = VAE()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    lowbit.quantize(model, cfg(), method, optimizer=opt)
+    assert len(opt.param_groups) == 1 and lowbit.quantizer_parameters(model) == []
+
+
+def test_training_a_quantized_vae_reduces_the_loss():
+    torch.manual_seed(0)
+    model = lowbit.quantize(VAE(), cfg(), "qat", quant_start_step=0)
+    losses = train(model, steps=20)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calibration_config_nni_format_and_json_round_trip(method):
+    torch.manual_seed(0)
+    types = ("weight",) if method == "dorefa" else ("weight", "input")
+    model = lowbit.quantize(VAE(), cfg(types), method)
+    train(model, steps=2)
+    calib = lowbit.calibration_config(model)
+    assert list(calib) == STUDY
+    for entry in calib.values():
+        assert entry["method"] == method and entry["weight_bits"] == 8
+        assert isinstance(entry["weight_scale"], float) and isinstance(entry["weight_zero_point"], int)
+        assert entry["weight_scale"] > 0
+        if "input" in types:
+            assert entry["input_bits"] == 8
+            assert entry["tracked_min_input"] <= 0.0 <= entry["tracked_max_input"]
+        else:
+            assert "input_bits" not in entry
+    text = json.dumps(calib)
+    assert json.loads(text) == calib
+    # loading it into a freshly quantized model (same float weights) reproduces it exactly
+    fresh = float_copy(model)
+    lowbit.quantize(fresh, cfg(types), method)
+    lowbit.load_calibration_config(fresh, json.loads(text))
+    assert lowbit.calibration_config(fresh) == calib
+    fresh.eval()
+    model.eval()
+    x, eps = torch.rand(8, 784), torch.zeros(8, 20)
+    assert torch.equal(fresh(x, eps)[0], model(x, eps)[0])
+
+
+def test_calibration_config_lsq_exports_the_learned_weight_step():
+    model = lowbit.quantize(VAE(), cfg(), "lsq")
+    train(model, steps=2)
+    calib = lowbit.calibration_config(model)
+    for name, entry in calib.items():
+        step = getattr(model, name).weight_quantizer.scale.detach().abs().item()
+        assert entry["weight_scale"] == step
+        assert entry["tracked_min_input"] == pytest.approx(entry["input_qmin"] * entry["input_scale"])
+
+
+def test_calibration_config_per_channel_and_output():
+    model = lowbit.quantize(SmallConv(), [{"quant_types": ["weight", "output"], "quant_bits": 4, "op_types": ["Conv2d"], "granularity": {"weight": "per_channel"}}], "qat")
+    model(torch.rand(2, 1, 8, 8))
+    calib = lowbit.calibration_config(model)
+    e = calib["features.0"]
+    assert len(e["weight_scale"]) == 4 and len(e["weight_zero_point"]) == 4 and e["weight_axis"] == 0
+    assert e["output_bits"] == 4 and "tracked_max_output" in e
+    assert json.loads(json.dumps(calib)) == calib
+
+
+def test_load_calibration_config_errors():
+    model = lowbit.quantize(VAE(), cfg(), "qat")
+    train(model, steps=1)
+    calib = lowbit.calibration_config(model)
+    other = lowbit.quantize(VAE(), cfg(layers=["fc1"]), "qat")
+    with pytest.raises(lowbit.config.ConfigError, match="not quantized"):
+        lowbit.load_calibration_config(other, calib)
+    bad = {"fc1": {**calib["fc1"], "input_bits": 4}}
+    with pytest.raises(lowbit.config.ConfigError, match="input_bits"):
+        lowbit.load_calibration_config(other, bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fold_reproduces_the_simulated_outputs_exactly(method):
+    torch.manual_seed(0)
+    model = lowbit.quantize(VAE(), cfg(("weight",), bits=4, layers=["fc1", "fc21", "fc22", "fc3", "fc4"]), method)
+    train(model, steps=2)
+    model.eval()
+    plain = lowbit.fold(model)
+    assert not any(isinstance(m, QuantWrapper) or "lowbit" in type(m).__module__ and type(m).__name__ != "VAE" for m in plain.modules())
+    assert all(type(getattr(plain, n)) is nn.Linear for n in ("fc1", "fc21", "fc22", "fc3", "fc4"))
+    x, eps = torch.rand(16, 784), torch.randn(16, 20)
+    assert torch.equal(plain(x, eps)[0], model(x, eps)[0])
+    # the folded weights are the quantized values: at most 2^4 distinct values per layer
+    assert plain.fc1.weight.unique().numel() <= 16
+    # the original model is untouched
+    assert isinstance(model.fc1, QuantWrapper)
+
+
+def test_fold_conv_model_and_drops_activation_quantization():
+    torch.manual_seed(0)
+    model = lowbit.quantize(SmallConv(), [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["default"], "granularity": {"weight": "per_channel"}}], "lsq")
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(2):
+        loss = model(torch.rand(4, 1, 8, 8)).logsumexp(1).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    plain = lowbit.fold(model)
+    assert type(plain.features[0]) is nn.Conv2d and type(plain.fc) is nn.Linear
+    x = torch.rand(3, 1, 8, 8)
+    # weights baked, activations not: close, not equal
+    assert torch.allclose(plain(x), model(x), atol=0.2)
+    for name, wrapper in quantized_layers(model).items():
+        assert torch.equal(plain.get_submodule(name).weight, wrapper.quantized_weight())
+
+
+def test_calibrate_runs_quantizers_only_and_restores_modes():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    lowbit.quantize(model, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], "ptq")
+    model.train()
+    batches = [torch.randn(16, 4) * (i + 1) for i in range(3)]
+    lowbit.calibrate(model, batches)
+    assert model.training and model[1].training and model[0].input_quantizer.training
+    lo, hi = model[0].input_quantizer.tracked_range()
+    allx = torch.cat(batches)
+    assert lo.item() == allx.min().item() and hi.item() == allx.max().item()
+    model.eval()
+    y = model(torch.randn(5, 4))
+    assert y.shape == (5, 2)
+
+
+def test_calibrate_with_a_forward_function():
+    model = lowbit.quantize(VAE(), cfg(), "ptq")
+    lowbit.calibrate(model, [torch.rand(8, 784) for _ in range(2)], forward=lambda m, b: m(b, torch.zeros(8, 20)))
+    assert set(lowbit.calibration_config(model)) == set(STUDY)
+
+
+def test_dorefa_gradient_bits_option_trains():
+    torch.manual_seed(0)
+    model = lowbit.quantize(VAE(), cfg(("weight",)), "dorefa", gradient_bits=8)
+    assert model.fc1.grad_quantizer is not None and "gradient=8b" in str(model)
+    losses = train(model, steps=3)
+    assert all(map(lambda v: v == v, losses))
