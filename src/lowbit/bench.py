@@ -667,8 +667,16 @@ def bench_model(
         layers = [{"name": name, "weight_bits": getattr(w.weight_quantizer, "bits", None) if w.weight_quantizer is not None else None,
                    "input": w.input_quantizer is not None, "output": w.output_quantizer is not None}
                   for name, w in _quant_layers(model)]
+        quantized = {name for name, w in _quant_layers(model) if w.input_quantizer is not None}
+        float_layers = [name for name, mod in fmodel.named_modules()
+                        if isinstance(mod, (nn.Linear, nn.Conv2d)) and name not in quantized]
+        if float_layers:
+            notes.append(f"the acceptance targets were set for W8A8 on every layer; this model keeps "
+                         f"{', '.join(float_layers)} in float (no integer kernel), so its size and speed "
+                         "rows are for reference against them")
         settings = {"images": n, "batch_size": batch, "repeats": repeats, "latency_iters": latency_iters,
-                    "threads": threads, "precision": precision, "layers": layers, "notes": notes}
+                    "threads": threads, "precision": precision, "layers": layers, "float_layers": float_layers,
+                    "notes": notes}
         return BenchResult(rows, settings, _machine(), gemm, gpu_info, dict(source or {}))
     finally:
         if tmp is not None:
