@@ -391,7 +391,7 @@ def test_real_mnist_vae_deployed_loss_matches_simulation(mnist, tmp_path):
     train, test = mnist
     torch.manual_seed(0)
     base = VAE()
-    fit(base, train.images[:30000], epochs=1, progress=False)
+    fit(base, train.images[:20000], epochs=1, progress=False)
     x = test.images.reshape(len(test.images), -1).numpy()
     eps = eval_eps(len(x), 20, 0).numpy()
     cases = ((8, "onnx-int8", 0.05, {"weight_range": "reduced"}, {}), (4, "onnx-int4", 0.3, {}, {}),
@@ -401,7 +401,7 @@ def test_real_mnist_vae_deployed_loss_matches_simulation(mnist, tmp_path):
         m.load_state_dict(base.state_dict())
         opt = torch.optim.Adam(m.parameters(), 1e-3)
         lowbit.quantize(m, _cfg(8, bits_w, **extra), "qat", optimizer=opt, **opts)
-        fit(m, train.images[:6000], epochs=1, optimizer=opt, progress=False)
+        fit(m, train.images[:3000], epochs=1, optimizer=opt, progress=False)
         sim = evaluate(m, test.images, iwae_k=0).loss
         path = lowbit.export(m, tmp_path / f"vae{bits_w}.onnx", fmt, vae_graph="eps")
         sess = rt.load_session(path)
