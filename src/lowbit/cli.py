@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Side by side on the 10,000 test images: test loss, throughput at batch "
                        "10,000, latency at batch 1, file size.")
     b.add_argument("run_dir", type=Path, help="a run folder written by lowbit train/study")
+    b.add_argument("--int4-run", type=Path, default=None,
+                   help="a run quantized to <= 4-bit weights for the int4 row (default: RUN_DIR itself if it is)")
     b.add_argument("--repeats", type=_positive_int, default=5, help="interleaved repetitions (default 5)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     _add_data_args(b)

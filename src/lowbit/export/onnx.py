@@ -903,36 +903,11 @@ def export(
     return _atomic_write(Path(path), data)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it (Linux); 0o022 where it cannot be read."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def _atomic_write(path: Path, data: bytes) -> Path:
-    import tempfile
+    """Write atomically (see :func:`lowbit.checkpoint.atomic_write_bytes`); errors as ExportError."""
+    from ..checkpoint import CheckpointError, atomic_write_bytes
 
-    folder = path.parent if str(path.parent) else Path(".")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create folder {folder}: {e.strerror or e}") from e
-    if path.is_dir():
-        raise ExportError(f"{path} is a folder; give a file name such as model.onnx")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the model unreadable to others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return atomic_write_bytes(path, data)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
