@@ -187,12 +187,11 @@ def run_experiment(
     return record
 
 
-@torch.no_grad()
 def _calibrate(model: nn.Module, images: torch.Tensor, spec: RunSpec) -> None:
-    """PTQ: show the quantizers ``calib_batches`` seeded batches in train mode (no weight update)."""
+    """PTQ: show the quantizers ``calib_batches`` seeded batches (no weight update)."""
+    from .quantize import calibrate
+
     g = torch.Generator().manual_seed(spec.seed)
-    model.train()
     idx = torch.randperm(images.shape[0], generator=g)[: spec.calib_batches * spec.batch_size]
-    for i in range(0, idx.numel(), spec.batch_size):
-        model(images.index_select(0, idx[i : i + spec.batch_size]))
+    calibrate(model, (images.index_select(0, idx[i : i + spec.batch_size]) for i in range(0, idx.numel(), spec.batch_size)))
     model.eval()
