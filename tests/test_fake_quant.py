@@ -134,21 +134,48 @@ def test_ste_gradient_is_identity():
     assert torch.equal(x.grad, torch.ones(100))
 
 
-def test_clipped_ste_gradient_matches_the_fused_kernel():
+def test_clipped_ste_gradient_is_one_inside_the_range_zero_outside():
     g = _gen(5)
     x = (torch.randn(5000, generator=g) * 2).requires_grad_()
     up = torch.randn(5000, generator=g)
     scale, zp = torch.tensor(0.05), torch.tensor(10)
-    torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), -128, 127).backward(up)
-    ref = x.grad.clone()
-    assert (ref == 0).any() and (ref != 0).any()  # both clipped and passed elements
+    lo, hi = (-128 - 10) * 0.05, (127 - 10) * 0.05  # the grid's range
+    inside = (x.detach() > lo) & (x.detach() < hi)
+    assert inside.any() and (~inside).any()
+    expected = torch.where(inside, up, torch.zeros(()))
     for fn in (
         lambda: clipped_fake_quantize(x, scale, zp, -128, 127),
-        lambda: clipped_fake_quantize_scalar(x, 0.05, f32(1 / f32(0.05)), -138, 117),
+        lambda: clipped_fake_quantize_scalar(x, f32(0.05), f32(1 / f32(0.05)), -138, 117),
     ):
         x.grad = None
-        fn().backward(up)
-        assert torch.equal(x.grad, ref)
+        y = fn()
+        y.backward(up)
+        assert torch.equal(x.grad, expected)
+        assert torch.equal(y, torch.fake_quantize_per_tensor_affine(x.detach(), scale, 10, -128, 127))
+    # the fused kernel agrees except within half a step beyond either end
+    x.grad = None
+    torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), -128, 127).backward(up)
+    band = ((x.detach() > lo - 0.025) & (x.detach() <= lo)) | ((x.detach() >= hi) & (x.detach() < hi + 0.025))
+    assert torch.equal(x.grad[~band], expected[~band])
+
+
+def test_clipped_ste_at_the_top_of_a_16_bit_grid():
+    # hardtanh clips to hi * s in float32; the rounding must still land on hi
+    for s in (f32(0.1), f32(1 / 3), f32(7.3e-5)):
+        x = torch.tensor([1e9, -1e9], requires_grad=True)
+        y = clipped_fake_quantize_scalar(x, s, f32(1 / s), -32768, 32767)
+        assert torch.equal(y.detach(), torch.fake_quantize_per_tensor_affine(x.detach(), s, 0, -32768, 32767))
+
+
+def test_ste_without_clamp_for_weights_inside_their_range():
+    x = torch.randn(100_000, generator=_gen(9)).requires_grad_()  # large: the autograd-function path
+    lo, hi = x.min().item(), x.max().item()
+    s, zp = affine_qparams_f32(lo, hi, -128, 127, False)
+    ref = torch.fake_quantize_per_tensor_affine(x.detach(), s, zp, -128, 127)
+    y = ste_fake_quantize_scalar(x, s, f32(1 / s), -128 - zp, 127 - zp, clamp=True)
+    assert torch.equal(y, ref)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def _lsq_closed_form(x, s, qn, qp, grad_out, grad_scale):

@@ -1,31 +1,33 @@
 """Quantize / dequantize arithmetic and the autograd functions every quantizer is built from.
 
 Numerics (the contract of ``docs/INTERFACES.md``): a tensor ``x`` is quantized onto an integer
-grid ``(scale, zero_point, qmin, qmax)`` exactly as PyTorch's fake-quant kernels and ONNX
-``QuantizeLinear`` do::
+grid ``(scale, zero_point, qmin, qmax)`` exactly as PyTorch's fake-quant kernels do::
 
-    q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)      # int codes
-    x_hat = (q - zero_point) * scale                                          # dequantized
+    q = clamp(round_half_even(x * float32(1 / scale)) + zero_point, qmin, qmax)   # int codes
+    x_hat = (q - zero_point) * scale                                               # dequantized
 
-``1 / scale`` is taken in float32 first, as ``torch.fake_quantize_per_tensor_affine`` does, so
-:func:`fake_quantize` is bit for bit that kernel (the tests check it).  lowbit computes it with
-four vectorised elementwise passes rather than by calling the fused kernel: on the CPU builds of
-torch 2.x the fused kernels run a scalar loop (about 7 ns per element, six times slower than the
-composite; measured in ``benchmarks/quant_overhead.py``'s notes and ``docs/QUANTIZERS.md``).  The
-fused kernels stay the reference the tests compare against.
+so :func:`fake_quantize` is bit for bit ``torch.fake_quantize_per_tensor_affine`` /
+``_per_channel_affine`` (the tests check it); ONNX ``QuantizeLinear`` divides by the scale instead,
+which can differ in the last bit of ``x / scale``.  lowbit computes it with four vectorised
+elementwise passes rather than with the fused kernel: on the CPU build of torch 2.13 the fused
+kernels run at about 7 ns per element, six times slower than the composite (see
+``docs/QUANTIZERS.md``).  The fused kernels stay the reference the tests compare against.
 
-The autograd functions here give each method its gradient:
+The functions here give each method its gradient:
 
-* :func:`ste_fake_quantize` — straight-through estimator (gradient 1 everywhere), for weights
-  whose grid is computed from the weight itself (so nothing is clipped);
-* :func:`clipped_fake_quantize` — clipped STE: gradient 1 where the rounded code lies in
-  ``[qmin, qmax]``, 0 where it was clamped (the fused kernels' rule);
-* :func:`lsq_fake_quantize` — LSQ (Esser et al. 2020): clipped STE for ``x`` plus the step-size
-  gradient of the paper, scaled by ``grad_factor``; with a float ``zero_point`` it also learns the
-  offset (LSQ+), rounded to an integer in the forward pass as ``torch._fake_quantize_learnable_*``;
+* :func:`ste_fake_quantize` / :func:`ste_fake_quantize_scalar` — straight-through estimator
+  (gradient 1 everywhere), for weights whose grid is computed from the weight itself;
+* :func:`clipped_fake_quantize` / :func:`clipped_fake_quantize_scalar` — clipped STE: gradient 1
+  where the input is not clamped, 0 where it is;
+* :func:`lsq_fake_quantize` — LSQ (Esser et al. 2020): clip, round, and the paper's step-size
+  gradient scaled by ``grad_factor``; with a float ``zero_point`` it also learns the offset (LSQ+),
+  rounded to an integer in the forward pass;
 * :func:`round_ste` — rounding with a straight-through gradient;
 * :func:`quantize_gradient` — identity in the forward pass, DoReFa's k-bit stochastic gradient
   quantization in the backward pass.
+
+The ``*_scalar`` variants take a per-tensor grid as Python numbers (the CPU fast path of the
+range quantizers); the others take tensors (per-channel, any device, no host synchronisation).
 """
 
 from __future__ import annotations
@@ -209,12 +211,12 @@ def _clamp(r: Tensor, lo, hi, inplace: bool) -> Tensor:
     return r.clamp_(lo, hi) if inplace else torch.clamp(r, lo, hi)
 
 
-def _in_range_grad(g: Tensor, r: Tensor, lo, hi) -> Tensor:
-    """``g`` where the integer-valued ``r`` lies in ``[lo, hi]``, else 0 (one fused pass when the
-    bounds are numbers: hardtanh's backward with its strict bounds moved half a step out)."""
+def _inside_grad(g: Tensor, v: Tensor, lo, hi) -> Tensor:
+    """``g`` where ``v = x / scale`` lies strictly inside ``(lo, hi)``, else 0 (one fused pass,
+    hardtanh's backward, when the bounds are numbers)."""
     if isinstance(lo, Tensor):
-        return torch.where((r >= lo) & (r <= hi), g, torch.zeros((), dtype=g.dtype, device=g.device))
-    return torch.ops.aten.hardtanh_backward(g, r, lo - 0.5, hi + 0.5)
+        return torch.where((v > lo) & (v < hi), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return torch.ops.aten.hardtanh_backward(g, v, lo, hi)
 
 
 def fake_quantize(
@@ -263,25 +265,27 @@ class _ClippedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
         s, inv, lo, hi = _resolve(x, scale, zero_point, qmin, qmax, axis)
-        r = (x * inv).round_()
+        v = x * inv
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(r)
+            ctx.save_for_backward(v)
             ctx.bounds = (lo, hi)
-            return _clamp(r, lo, hi, False).mul_(s)
-        return _clamp(r, lo, hi, True).mul_(s)
+            return _clamp(torch.round(v), lo, hi, True).mul_(s)
+        return _clamp(v.round_(), lo, hi, True).mul_(s)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        (r,) = ctx.saved_tensors
+        (v,) = ctx.saved_tensors
         lo, hi = ctx.bounds
-        return _in_range_grad(g, r, lo, hi), None, None, None, None, None
+        return _inside_grad(g, v, lo, hi), None, None, None, None, None
 
 
 def clipped_fake_quantize(
     x: Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | None = None
 ) -> Tensor:
-    """Fake-quantize with the clipped straight-through gradient: 1 where ``round(x/scale)+zp`` lies
-    in ``[qmin, qmax]``, 0 where it was clamped (as ``torch.fake_quantize_per_tensor_affine``)."""
+    """Fake-quantize with the clipped straight-through gradient: 1 where ``x`` lies strictly inside
+    the grid's range ``((qmin - zp) scale, (qmax - zp) scale)``, 0 outside.  (The fused kernels also
+    pass the gradient of inputs up to half a step beyond either end, whose code rounds onto the
+    end; lowbit clips at the range, as the clipped STE is defined.)"""
     return _ClippedFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
@@ -343,7 +347,7 @@ class _LSQFakeQuant(torch.autograd.Function):
         x, out, v, scale = ctx.saved_tensors
         s = ctx.s
         lo, hi = ctx.bounds
-        gx = torch.where((v > lo) & (v < hi), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        gx = _inside_grad(g, v, lo, hi)
         gs = gzp = None
         s_vec = s.reshape(-1) if ctx.axis is not None else s
         if ctx.needs_input_grad[1]:
@@ -433,30 +437,55 @@ def quantize_gradient(x: Tensor, bits: int, generator: torch.Generator | None = 
 # rounding is applied in place on the op's output, which that op's backward does not read.
 
 
-def ste_fake_quantize_scalar(x: Tensor, s: float, inv: float, lo: float, hi: float) -> Tensor:
+class _STEScalar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, inv, lo, hi, clamp):  # type: ignore[override]
+        d = (x * inv).round_()
+        if clamp:
+            d.clamp_(lo, hi)
+        return d.mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None, None, None, None, None
+
+
+#: from this many elements on, a Python autograd function (one call) is cheaper than the extra
+#: pass over the tensor that the clone-based straight-through path costs
+_STE_FUNCTION_NUMEL = 1 << 16
+
+
+def ste_fake_quantize_scalar(
+    x: Tensor, s: float, inv: float, lo: float, hi: float, clamp: bool = True
+) -> Tensor:
     """Per-tensor fake quantization with a straight-through gradient, grid given as Python numbers:
     ``s`` (a float32 value), ``inv = f32(1/s)`` and the clamp bounds ``lo = qmin - zp``,
-    ``hi = qmax - zp``.  Same values as :func:`fake_quantize` (and the fused kernel)."""
+    ``hi = qmax - zp``.  Same values as :func:`fake_quantize` (and the fused kernel).
+    ``clamp=False`` skips the clamp when the caller knows no code can leave ``[lo, hi]``."""
     if x.requires_grad:
+        if x.numel() >= _STE_FUNCTION_NUMEL:
+            return _STEScalar.apply(x, s, inv, lo, hi, clamp)
         y = x.clone()  # CloneBackward passes the gradient through untouched
         d = y.detach()
         d.mul_(inv)
     else:
         y = d = x * inv
-    d.round_().clamp_(lo, hi).mul_(s)
+    d.round_()
+    if clamp:
+        d.clamp_(lo, hi)
+    d.mul_(s)
     return y
 
 
 def clipped_fake_quantize_scalar(x: Tensor, s: float, inv: float, lo: float, hi: float) -> Tensor:
     """Per-tensor fake quantization with the clipped straight-through gradient, grid given as
-    Python numbers (see :func:`ste_fake_quantize_scalar`).  The gradient is 1 on the open interval
-    ``((lo - 1/2) s, (hi + 1/2) s)`` — the inputs whose code is not clamped — and 0 outside
-    (``hardtanh``'s backward, one fused pass).  Values are exactly :func:`fake_quantize`'s."""
+    Python numbers (see :func:`ste_fake_quantize_scalar`).  ``x`` is clipped to the grid's range
+    ``[lo s, hi s]`` first (``hardtanh``, whose fused backward gives the gradient: 1 strictly inside
+    the range, 0 outside), then rounded in place — values exactly :func:`fake_quantize`'s, since
+    ``round(f32(hi s) * inv)`` is ``hi`` for any grid of up to 16 bits."""
     if x.requires_grad:
-        y = torch.nn.functional.hardtanh(x, (lo - 0.5) * s, (hi + 0.5) * s)
+        y = torch.nn.functional.hardtanh(x, lo * s, hi * s)
         d = y.detach()
-        d.mul_(inv)
-    else:
-        y = d = x * inv
-    d.round_().clamp_(lo, hi).mul_(s)
-    return y
+        d.mul_(inv).round_().mul_(s)
+        return y
+    return (x * inv).round_().clamp_(lo, hi).mul_(s)

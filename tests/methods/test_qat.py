@@ -151,3 +151,21 @@ def test_reduced_weight_range():
     wq(torch.randn(8, 16))
     g = wq.grid()
     assert (g.qmin, g.qmax) == (-64, 63)
+
+
+def test_weight_values_are_the_fused_kernels_including_a_tie_at_the_top():
+    wq = layer(types=("weight",)).weight_quantizer
+    # this range gives zero point 4 and max(w) / scale = 123.50001 -> 124 + 4 = 128, one past the
+    # top code (the zero point's own rounding lets the top end overshoot): the clamp is needed
+    w = torch.tensor([[-0.5548074841499329, 0.3, 0.5210549831390381]])
+    y = wq(w)
+    g = wq.grid()
+    assert g.zero_point.item() == 4
+    assert torch.equal(y, torch.fake_quantize_per_tensor_affine(w, g.scale, g.zero_point.int(), -128, 127))
+    assert wq.quantize_int(w).max().item() == 127
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        w = torch.randn(4, 9, generator=gen) * torch.rand((), generator=gen) + torch.randn((), generator=gen)
+        y = wq(w)
+        g = wq.grid()
+        assert torch.equal(y, torch.fake_quantize_per_tensor_affine(w, g.scale, g.zero_point.int(), -128, 127))

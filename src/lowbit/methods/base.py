@@ -326,7 +326,7 @@ class RangeQuantizer(Quantizer):
         if self.start_step > 0:
             self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # Python-side state, mutated in place (no nn.Module.__setattr__ in the hot path):
-        # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv) or None
+        # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv, clamp) or None
         self._st: list[Any] = [False, 0, 0, False, None]
 
     @property
@@ -342,7 +342,7 @@ class RangeQuantizer(Quantizer):
         st[4] = None
         if st[0] and self.axis is None:
             s = self.scale.item()
-            st[4] = (self.tracked_min.item(), self.tracked_max.item(), s, int(self.zero_point.item()), f32(1.0 / s))
+            st[4] = (self.tracked_min.item(), self.tracked_max.item(), s, int(self.zero_point.item()), f32(1.0 / s), True)
 
     @torch.no_grad()
     def _flush(self) -> None:
@@ -351,7 +351,7 @@ class RangeQuantizer(Quantizer):
         if not st[3]:
             return
         if st[4] is not None:
-            tmin, tmax, s, zp, _ = st[4]
+            tmin, tmax, s, zp = st[4][:4]
             self.tracked_min.fill_(tmin)
             self.tracked_max.fill_(tmax)
             self.scale.fill_(s)
@@ -405,7 +405,14 @@ class RangeQuantizer(Quantizer):
         if tracking == "percentile":
             st[2] += 1
         scale, zp = affine_qparams_f32(tmin, tmax, self.qmin, self.qmax, self.symmetric)
-        st[4] = (tmin, tmax, scale, zp, f32(1.0 / scale))
+        inv = f32(1.0 / scale)
+        clamp = True
+        if tracking == "current":
+            # whether rounding can push a code of this very tensor out of range (only its extremes
+            # can, by a tie at the affine top end); rounding is monotone, so lo and hi decide it
+            zpc = 0 if self.symmetric else zp
+            clamp = round(f32(lo * inv)) + zpc < self.qmin or round(f32(hi * inv)) + zpc > self.qmax
+        st[4] = (tmin, tmax, scale, zp, inv, clamp)
         st[0] = True
         st[3] = True
 
@@ -459,7 +466,7 @@ class RangeQuantizer(Quantizer):
         if py is not None and x.device.type == "cpu":
             zp = 0 if self.symmetric else py[3]
             if current:
-                return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp)
+                return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp, py[5])
             return clipped_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp)
         self._flush()
         zp_t = None if self.symmetric else self.zero_point
