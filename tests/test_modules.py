@@ -216,3 +216,26 @@ def test_conv_model_per_tensor_and_per_channel(method):
     a = torch.rand(2, 4, 8, 8) * 0  # exactly representable input: zero
     model.conv2.input_quantizer.eval()
     assert torch.equal(model.conv2(a), plain(a))
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq"])
+def test_cpu_fast_path_and_tensor_path_agree(method):
+    """Per-tensor range quantizers keep their grid as Python numbers on the CPU; the tensor path
+    (used on other devices) must give the same grids and outputs."""
+    from lowbit.methods import RangeQuantizer
+
+    models = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = lowbit.quantize(VAE(), w8a8(bits=4, quant_dtype={"input": "int"}), method)
+        for m in model.modules():
+            if isinstance(m, RangeQuantizer):
+                m.python_fast_path = fast
+        train_steps(model, steps=4)
+        models.append(model.eval())
+    a, b = (lowbit.calibration_config(m) for m in models)
+    for name in a:
+        for key, value in a[name].items():
+            assert value == (b[name][key] if isinstance(value, str) else pytest.approx(b[name][key], rel=1e-6)), (name, key)
+    x = torch.rand(8, 784)
+    assert torch.allclose(models[0](x, torch.zeros(8, 20))[0], models[1](x, torch.zeros(8, 20))[0], atol=1e-4)

@@ -328,6 +328,9 @@ class RangeQuantizer(Quantizer):
         # Python-side state, mutated in place (no nn.Module.__setattr__ in the hot path):
         # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv, clamp) or None
         self._st: list[Any] = [False, 0, 0, False, None]
+        #: use the Python-number fast path for per-tensor CPU tensors (False: always the tensor path,
+        #: as on a GPU; the tests use it to check both paths agree)
+        self.python_fast_path = True
 
     @property
     def _initialized(self) -> bool:
@@ -383,7 +386,7 @@ class RangeQuantizer(Quantizer):
     def observe(self, x: Tensor) -> None:
         """Update the tracked range with ``x`` and recompute scale and zero point."""
         lo_t, hi_t = self._batch_range(x)
-        if self.axis is None and x.device.type == "cpu":
+        if self.axis is None and x.device.type == "cpu" and self.python_fast_path:
             self._observe_py(lo_t.item(), hi_t.item())
         else:
             self._observe_tensor(lo_t, hi_t)
@@ -463,7 +466,7 @@ class RangeQuantizer(Quantizer):
                 "lowbit.calibrate(model, batches) before evaluating"
             )
         py = st[4]
-        if py is not None and x.device.type == "cpu":
+        if py is not None and x.device.type == "cpu" and self.python_fast_path:
             zp = 0 if self.symmetric else py[3]
             if current:
                 return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp, py[5])
