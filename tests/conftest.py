@@ -27,3 +27,12 @@ def mnist():
     return load_dataset("mnist", "train", download=False, progress=False), load_dataset(
         "mnist", "test", download=False, progress=False
     )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread is faster and immune to OpenMP spinning on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

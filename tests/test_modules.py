@@ -17,13 +17,6 @@ from lowbit.modules import QuantWrapper
 STUDY = ["fc1", "fc21", "fc22", "fc3"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread is faster and immune to OpenMP spinning on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 METHODS = ["qat", "dorefa", "lsq", "ptq"]
 
 

@@ -18,12 +18,6 @@ STUDY = ["fc1", "fc21", "fc22", "fc3"]
 METHODS = ["qat", "dorefa", "lsq", "ptq"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def cfg(types=("weight", "input"), bits=8, layers=STUDY, **extra):

@@ -11,12 +11,6 @@ import lowbit
 from lowbit.methods.dorefa import dorefa_weight_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def layer(bits=4, types=("weight",), **extra):

@@ -12,12 +12,6 @@ from torch import nn
 import lowbit
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def layer(bits=4, types=("weight", "input"), in_features=16, **extra):

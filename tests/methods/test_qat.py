@@ -11,12 +11,6 @@ from lowbit.config import TensorSpec
 from lowbit.methods.base import RangeQuantizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def layer(bits=8, types=("weight", "input"), **extra):
