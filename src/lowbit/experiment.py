@@ -135,6 +135,7 @@ def run_experiment(
         the record written to ``out_dir/result.json``.
     """
     out_dir = Path(out_dir)
+    torch.manual_seed(spec.seed)  # the model's initialisation is part of the run's seed
     model = build_model(spec.model["name"], **spec.model.get("kwargs", {}))
     if init is not None:
         state, _ = load_state(init)
