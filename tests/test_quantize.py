@@ -76,12 +76,20 @@ def test_lsq_steps_join_the_given_optimizer_and_train():
     assert len(opt.param_groups) == 3 and len(opt.param_groups[2]["params"]) == 2
 
 
-@pytest.mark.parametrize("method", ["qat", "dorefa", "ptq"])
-def test_methods_without_parameters_leave_the_optimizer_alone(method):
+@pytest.mark.parametrize("method, options", [("qat", {}), ("dorefa", {"dorefa_variant": "scaled"}), ("ptq", {})])
+def test_methods_without_parameters_leave_the_optimizer_alone(method, options):
     model = VAE()
     opt = torch.optim.SGD(model.parameters(), 0.1)
-    lowbit.quantize(model, cfg(), method, optimizer=opt)
+    lowbit.quantize(model, cfg(), method, optimizer=opt, **options)
     assert len(opt.param_groups) == 1 and lowbit.quantizer_parameters(model) == []
+
+
+def test_dorefa_learned_steps_join_the_optimizer():
+    model = VAE()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    lowbit.quantize(model, cfg(("weight",)), "dorefa", optimizer=opt)
+    steps = lowbit.quantizer_parameters(model)
+    assert len(steps) == 4 and opt.param_groups[1]["params"] == steps  # one learned step per layer
 
 
 def test_training_a_quantized_vae_reduces_the_loss():

@@ -61,6 +61,19 @@ def test_run_key_changes_with_the_configuration():
     assert a[1].spec.key("base1") != a[1].spec.key("base2")  # nor is a run reused across baselines
 
 
+def test_run_key_changes_when_a_method_default_changes(monkeypatch):
+    from dataclasses import replace
+
+    from lowbit.methods import get_method
+
+    run = next(r for r in plan_runs(StudyConfig()) if r.folder == "seed0/dorefa-w4")
+    before = run.spec.key("x")
+    dorefa = get_method("dorefa")
+    opt = dorefa.options["dorefa_variant"]
+    monkeypatch.setitem(dorefa.options, "dorefa_variant", replace(opt, default="scaled"))
+    assert run.spec.key("x") != before  # an upgraded lowbit does not reuse the old default's run
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"methods": ("nni",)}, "unknown method"), ({"bits": (0,)}, "1..16"), ({"seeds": 0}, "seeds"),

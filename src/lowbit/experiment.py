@@ -56,8 +56,17 @@ class RunSpec:
 
     def key(self, init_key: str | None = None) -> str:
         """A digest of everything that decides this run's result (and of its starting point), so a
-        changed configuration is never mistaken for a finished run."""
-        blob = json.dumps({"spec": asdict(self), "init": init_key, "version": __version__}, sort_keys=True)
+        changed configuration is never mistaken for a finished run.  The method's option defaults
+        are part of it: a lowbit whose default changed does not reuse runs made with the old one."""
+        defaults = None
+        if self.method is not None:
+            from .methods import get_method
+
+            defaults = {k: o.default for k, o in get_method(self.method).options.items()}
+        blob = json.dumps(
+            {"spec": asdict(self), "init": init_key, "version": __version__, "method_defaults": defaults},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -1,7 +1,10 @@
 """DoReFa (Zhou et al. 2016): the paper's weight transform on 2^k levels in [-1, 1], lowbit's
-scaled deployable variant, [0, 1] activations, stochastic gradient quantization."""
+deployable variants (learned clip, max-scaled), [0, 1] activations, stochastic gradient
+quantization."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -44,7 +47,7 @@ def test_paper_weights_lie_in_minus1_1_on_2_to_the_k_levels(k):
 
 @pytest.mark.parametrize("k", [2, 4, 8])
 def test_scaled_variant_keeps_magnitude_on_a_symmetric_integer_grid(k):
-    w = layer(k)
+    w = layer(k, dorefa_variant="scaled")
     weight = w.module.weight.detach()
     y = w.weight_quantizer(weight)
     n = 2 ** (k - 1) - 1
@@ -72,6 +75,44 @@ def test_weight_gradient_goes_through_tanh_straight_through_the_rounding():
         kappa = 1.0 if variant == "paper" else ref_w.detach().abs().max()
         (u * kappa).backward(up)
         assert torch.allclose(got, ref_w.grad, rtol=1e-4, atol=1e-6), variant
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_learned_variant_is_the_learned_step_grid_of_tanh_w(k):
+    w = layer(k)  # the default variant
+    q = w.weight_quantizer
+    weight = w.module.weight.detach() * 20  # large enough that tanh bends and some codes clip
+    t = torch.tanh(weight)
+    n = 2 ** (k - 1) - 1
+    # initialised as LSQ initialises a weight step, on tanh(w) of the layer's weight
+    t0 = torch.tanh(w.module.weight.detach())
+    assert q.scale.item() == pytest.approx((2 * t0.abs().mean() / math.sqrt(n)).item(), rel=1e-6)
+    assert q.scale in set(lowbit.quantizer_parameters(nn.Sequential(w)))
+    s = q.scale.item()
+    y = q(weight)
+    assert torch.equal(y.detach(), torch.fake_quantize_per_tensor_affine(t, s, 0, -n, n))
+    assert y.unique().numel() <= 2**k - 1 and y.abs().max().item() <= n * s * (1 + 1e-6)
+    g = q.grid()
+    assert (g.qmin, g.qmax) == (-n, n) and g.zero_point.item() == 0
+    assert torch.equal(g.dequantize(q.quantize_int(weight)), y.detach())
+
+
+def test_learned_variant_gradients_are_lsqs_through_tanh():
+    w = layer(3)
+    q = w.weight_quantizer
+    weight = (w.module.weight.detach() * 20).requires_grad_()
+    up = torch.randn_like(weight)
+    q(weight).backward(up)
+    t = torch.tanh(weight.detach())
+    s, n = q.scale.item(), 3
+    v = t / s
+    inside = (v > -n) & (v < n)
+    c = torch.clamp(torch.round(v), -n, n)
+    # Esser et al. 2020: d x_hat/d s = c - v inside, c (= -Qn or Qp) outside; times 1/sqrt(N Qp)
+    gs = (up * torch.where(inside, c - v, c)).sum() / math.sqrt(weight.numel() * n)
+    assert q.scale.grad.item() == pytest.approx(gs.item(), rel=1e-4)
+    # w: clipped straight-through on tanh(w), times tanh's derivative
+    assert torch.allclose(weight.grad, up * inside * (1 - t * t), rtol=1e-5, atol=1e-7)
 
 
 def test_one_bit_is_sign_times_mean_abs():

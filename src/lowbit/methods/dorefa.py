@@ -3,24 +3,31 @@ optionally k-bit stochastic gradients.
 
 Weights, ``dorefa_variant``:
 
+* ``"learned"`` (default, deployable) — DoReFa's ``tanh`` reparametrisation, then a learned clip:
+  ``w_q = clamp(round(tanh(w) / s), -n, n) * s`` with ``n = 2^(k-1) - 1`` (codes ``[-n, n]``, zero
+  point 0: an int8 grid at 8 bits) and ``s`` a learned step per layer, trained as LSQ trains its
+  step (initialised ``2 mean|tanh(w)| / sqrt(n)``, gradient scale ``1 / sqrt(numel * n)``, the
+  paper's step gradient, clipped straight-through for ``w``).  The paper normalises by
+  ``max|tanh(w)|`` instead, so one outlier weight sets the grid: on the study's VAE, fc1's largest
+  weight is ten times its typical one and at 4 bits nearly all of fc1 rounds to 0 — the
+  max-normalised form (``"scaled"``) ends 4-bit fine-tuning near 117 nats, the learned clip near
+  107 (docs/QUANTIZERS.md has the measurement and the command).
+* ``"scaled"`` — ``u = tanh(w) / max|tanh(w)|`` in ``[-1, 1]``, rounded onto the symmetric signed
+  grid ``[-n, n]``, times a per-layer scale ``max|w| / n`` (``max|w|`` of the float weights,
+  recomputed at every step, no gradient through it) so the layer keeps its output magnitude.
 * ``"paper"`` — exactly the paper: ``w_q = 2 * quantize_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1``
   with ``quantize_k(v) = round((2^k - 1) v) / (2^k - 1)``: ``2^k`` levels in ``[-1, 1]``.  The
   magnitude of the layer's weights is lost (the paper relies on a batch norm after each layer).
   As an integer grid: codes ``c = 2q - (2^k - 1)`` (odd integers in ``[-(2^k-1), 2^k-1]``), scale
   ``1/(2^k - 1)``, zero point 0 — it fits int8 only for ``k <= 7``, so 8-bit paper DoReFa cannot be
   exported exactly.
-* ``"scaled"`` (default, deployable) — ``u = tanh(w) / max|tanh(w)|`` in ``[-1, 1]``, rounded onto
-  the symmetric signed grid of ``2^k - 1`` levels, codes ``c = round(n u)`` in ``[-n, n]`` with
-  ``n = 2^(k-1) - 1``, times a per-layer scale ``max|w| / n`` (``max|w|`` of the float weights,
-  recomputed at every step, no gradient through it) so the layer keeps its output magnitude.
-  Zero point 0: an int8 grid at 8 bits (codes -127..127).
 
-Both: the gradient goes straight through the rounding and through ``tanh``; the normalising
-``max|tanh(w)|`` (and the scaled variant's ``max|w|``) is treated as a constant (stop-gradient).
-The paper's reference code also differentiates through the max, which changes the gradient of
-the single largest weight only; lowbit skips it because finding that element costs two more
-passes over the weight on every step.
-1 bit (both variants): ``w_q = E|w| * sign(w)`` as in the paper, straight-through gradient.
+``"scaled"`` and ``"paper"``: the gradient goes straight through the rounding and through ``tanh``;
+the normalising ``max|tanh(w)|`` (and the scaled variant's ``max|w|``) is treated as a constant
+(stop-gradient).  The paper's reference code also differentiates through the max, which changes
+the gradient of the single largest weight only; lowbit skips it because finding that element costs
+two more passes over the weight on every step.
+1 bit (every variant): ``w_q = E|w| * sign(w)`` as in the paper, straight-through gradient.
 
 Activations (``input``/``output``): clipped to ``[0, 1]`` and quantized to ``k`` bits, codes
 ``[0, 2^k - 1]``, scale ``1/(2^k-1)``; the gradient is zero outside the range.
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +52,7 @@ from ..fake_quant import (
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     f32,
+    lsq_fake_quantize,
     qrange,
     quantize_gradient,
 )
@@ -105,18 +115,29 @@ class _Binary(torch.autograd.Function):
 
 
 class DoReFaWeightQuantizer(Quantizer):
-    """DoReFa weight quantizer (``variant`` ``"scaled"`` or ``"paper"``); see the module docstring."""
+    """DoReFa weight quantizer (``variant`` ``"learned"``, ``"scaled"`` or ``"paper"``); see the
+    module docstring.  ``weight`` (needed by ``"learned"``) initialises the learned step."""
 
-    def __init__(self, spec: TensorSpec, variant: str = "scaled") -> None:
+    def __init__(self, spec: TensorSpec, variant: str = "learned", weight: Tensor | None = None) -> None:
         super().__init__(spec)
-        self.variant = variant
         rb = spec.range_bits
+        self.variant = variant = "scaled" if variant == "learned" and rb == 1 else variant
         if rb == 1:
             self.qmin, self.qmax = -1, 1
         elif variant == "paper":
             self.qmin, self.qmax = -((1 << rb) - 1), (1 << rb) - 1
         else:
             self.qmin, self.qmax = qrange(rb, True, narrow=True)
+        self.learned = variant == "learned"
+        if self.learned:
+            if weight is None:
+                raise ValueError("the learned DoReFa step is initialised from the layer's weight: pass it")
+            t = torch.tanh(weight.detach().float())
+            self.scale = nn.Parameter((2 * t.abs().mean() / math.sqrt(self.qmax)).clamp(min=MIN_SCALE).reshape(()))
+            self._grad_factor = 1.0 / math.sqrt(weight.numel() * self.qmax)
+            self.register_buffer("initialized", torch.tensor(True))
+            self._initialized = True
+            return
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False
@@ -132,6 +153,8 @@ class DoReFaWeightQuantizer(Quantizer):
                 self._initialized = True
 
     def forward(self, w: Tensor) -> Tensor:
+        if self.learned:
+            return lsq_fake_quantize(torch.tanh(w), self.scale, None, self.qmin, self.qmax, self._grad_factor)
         if self.spec.range_bits == 1:
             out, scale = _Binary.apply(w)
         else:
@@ -141,6 +164,8 @@ class DoReFaWeightQuantizer(Quantizer):
 
     def quantize_int(self, w: Tensor) -> Tensor:
         with torch.no_grad():
+            if self.learned:
+                return self.grid().quantize(torch.tanh(w))
             if self.spec.range_bits == 1:
                 codes = torch.where(w >= 0, 1, -1)
                 self._store(w.abs().mean().clamp_min(MIN_SCALE))
@@ -152,7 +177,8 @@ class DoReFaWeightQuantizer(Quantizer):
     def grid(self) -> AffineGrid:
         if not self._initialized:
             raise NotCalibratedError("this DoReFa weight quantizer has not seen its weight yet")
-        return AffineGrid(self.scale.detach().clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)
+        scale = self.scale.detach().abs().clamp_min(MIN_SCALE) if self.learned else self.scale.detach().clone()
+        return AffineGrid(scale, torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)
 
     @torch.no_grad()
     def load_grid(self, grid: AffineGrid, tracked: Any = None) -> None:
@@ -216,7 +242,10 @@ class DoReFa(Method):
     options = {
         "weight_range": WEIGHT_RANGE,
         "dorefa_variant": Option(
-            "scaled", one_of("scaled", "paper"), "'scaled' or 'paper'", "weight transform (see lowbit.methods.dorefa)"
+            "learned",
+            one_of("learned", "scaled", "paper"),
+            "'learned', 'scaled' or 'paper'",
+            "weight transform (see lowbit.methods.dorefa)",
         ),
         "gradient_bits": Option(None, _optional_bits, "None or an integer 1..16", "quantize output gradients (paper eq. 12)"),
     }
@@ -227,12 +256,12 @@ class DoReFa(Method):
     @classmethod
     def check_layer(cls, layer: LayerSpec, module: nn.Module) -> None:
         if layer.weight is not None and layer.weight.reduced and layer.options["dorefa_variant"] == "paper":
-            raise ConfigError("weight_range 'reduced' needs dorefa_variant 'scaled' (the paper's grid is fixed)")
+            raise ConfigError("weight_range 'reduced' needs dorefa_variant 'learned' or 'scaled' (the paper's grid is fixed)")
 
     @classmethod
     def build_quantizer(cls, spec: TensorSpec, layer: LayerSpec, module: nn.Module) -> Quantizer:
         if spec.quant_type == "weight":
-            return DoReFaWeightQuantizer(spec, layer.options["dorefa_variant"])
+            return DoReFaWeightQuantizer(spec, layer.options["dorefa_variant"], module.weight)
         return DoReFaActivationQuantizer(spec)
 
     @classmethod
