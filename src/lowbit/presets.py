@@ -11,7 +11,7 @@ import copy
 import json
 from pathlib import Path
 
-__all__ = ["REFERENCE", "reference_config", "resolve_config", "METHOD_QUANT_TYPES"]
+__all__ = ["REFERENCE", "REFERENCE_LOSS", "reference_loss", "reference_config", "resolve_config", "METHOD_QUANT_TYPES"]
 
 #: The six config lists of SEED_STUDY.md, as the reference study wrote them.
 REFERENCE: dict[tuple[str, str], list[dict]] = {
@@ -26,6 +26,30 @@ REFERENCE: dict[tuple[str, str], list[dict]] = {
     ("lsq", "C1"): [{"quant_types": ["input", "weight"], "quant_bits": {"input": 4, "weight": 4},
                      "op_names": ["fc1", "fc21", "fc22", "fc3"]}],
 }
+
+#: The reference study's published test losses (nats per image, MNIST), before and after
+#: quantized fine-tuning, as SEED_STUDY.md reports them (NNI 2.x, one run each, no seed given).
+#: Quoted for comparison in the report; lowbit never uses them to compute anything.
+REFERENCE_LOSS: dict[tuple[str, str], tuple[float, float]] = {
+    ("qat", "C0"): (105.47, 103.92),
+    ("qat", "C1"): (105.61, 111.31),
+    ("dorefa", "C0"): (105.59, 105.73),
+    ("dorefa", "C1"): (105.62, 106.02),
+    ("lsq", "C0"): (105.75, 104.58),
+    ("lsq", "C1"): (105.33, 108.04),
+}
+
+
+def reference_loss(method: str | None, config_list: list | None, dataset: str = "mnist") -> float | None:
+    """The reference study's loss after fine-tuning for this exact config list (one of its six,
+    on MNIST), or None."""
+    if dataset != "mnist" or method is None:
+        return None
+    for (m, c), cfg in REFERENCE.items():
+        if m == method and cfg == config_list:
+            return REFERENCE_LOSS[(m, c)][1]
+    return None
+
 
 #: What each method quantizes in the reference protocol (PTQ follows QAT/LSQ).
 METHOD_QUANT_TYPES = {"qat": ("input", "weight"), "lsq": ("input", "weight"), "ptq": ("input", "weight"),

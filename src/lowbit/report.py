@@ -294,7 +294,10 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
     md += ["## Test loss (the reference study's table, with our numbers)", "",
            "Loss = BCE + KL in nats per test image, fixed evaluation noise; *before* = the fp32 model the run "
            "starts from. Timings are this machine's (train s = all fine-tuning epochs; eval s = median of 3 passes "
-           "over the 10,000 test images).", ""]
+           "over the 10,000 test images). *reference after*: the reference study's own figure for the same "
+           "config list (NNI, SEED_STUDY.md), and our loss minus it (negative = lowbit lower).", ""]
+    from .presets import reference_loss
+
     rows = []
     for run in runs0:
         if run.kind == "baseline":
@@ -308,8 +311,10 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
                      fmt(rec["after"]["eval_seconds_median3"], 3),
                      fmt(rec["before"]["loss"]) if rec["before"] else "—", fmt(rec["after"]["loss"]),
                      fmt(rec["after"]["iwae"])])
+        ref = reference_loss(run.spec.method, run.spec.config_list, run.spec.dataset)
+        rows[-1] += [fmt(ref), f"{rec['after']['loss'] - ref:+.2f}"] if ref is not None else ["—", "—"]
     md.append(_md_table(["method", "config", "train s (baseline)", "eval s", "train s after", "eval s after",
-                         "test loss", "loss after", "IWAE NLL after"], rows))
+                         "test loss", "loss after", "IWAE NLL after", "reference after", "Δ vs reference"], rows))
 
     md += ["", "## Against the equal-budget fp32 control, over seeds", "",
            "The reference compared 20 epochs of training (10 fp32 + 10 quantized) against 10 fp32 epochs. "
