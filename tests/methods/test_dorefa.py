@@ -160,3 +160,22 @@ def test_codes_function_matches_quantizer():
     w = torch.randn(10, 10)
     codes, scale, *_ = dorefa_weight_codes(w, 4, "scaled")
     assert codes.abs().max() <= 7 and scale.item() == pytest.approx(w.abs().max().item() / 7)
+
+
+def test_tanh_matches_torch_tanh_and_its_gradient():
+    from lowbit.methods.dorefa import tanh
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(10_000) * 3, torch.tensor([0.0, 1e-8, -1e-8, 20.0, -20.0, 100.0, -100.0,
+                                                            float("inf"), float("-inf")])])
+    t = tanh(x)
+    assert torch.allclose(t, torch.tanh(x), rtol=0, atol=3e-7)
+    assert t.abs().max() <= 1 and t[-4:].tolist() == [1.0, -1.0, 1.0, -1.0]
+    assert tanh(torch.tensor([float("nan")])).isnan().all()
+    xg = x[:10_000].clone().requires_grad_()
+    g = torch.randn(10_000)
+    tanh(xg).backward(g)
+    xr = x[:10_000].clone().requires_grad_()
+    torch.tanh(xr).backward(g)
+    # tanh's derivative from a t within 2e-7 of torch's: |g| * 2|t| * 2e-7 at most
+    assert ((xg.grad - xr.grad).abs() <= 4e-7 * g.abs() + 1e-7).all()
