@@ -95,6 +95,7 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         row["train_seconds"] = paired_stats([rec["train"]["seconds"] for _, rec in runs]) if runs[0][1]["train"] else None
         row["eval_seconds"] = paired_stats([rec["after"]["eval_seconds_median3"] for _, rec in runs])
         row["size"] = runs[0][1]["size_after"]
+        row["quantizes"] = _quantizes(runs[0][1])
         if runs[0][1]["before"] is not None:  # after - the fp32 model it started from, per seed
             row["vs_start"] = paired_stats([rec["after"]["loss"] - rec["before"]["loss"] for _, rec in runs])
         if control and cell is not control and cell["kind"] == "quantized":
@@ -105,6 +106,16 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
     summary = {"seeds": len(seeds), "cells": cells, "best": _best_per_bits(cells, by_cell)}
     summary["text"] = _summary_text(summary, control is not None, baseline is not None)
     return summary
+
+
+def _quantizes(record: dict) -> str | None:
+    """What a run quantizes, e.g. ``"weights and inputs of fc1, fc21, fc22, fc3"`` (None for fp32)."""
+    calib = record.get("calibration_config")
+    if not calib:
+        return None
+    types = json_types(record["spec"]["config_list"])
+    what = " and ".join(t + "s" for t in ("weight", "input", "output") if t in types)
+    return f"{what} of {', '.join(calib)}"
 
 
 def _best_per_bits(cells: list[dict], by_cell: dict) -> list[dict]:
@@ -118,6 +129,8 @@ def _best_per_bits(cells: list[dict], by_cell: dict) -> list[dict]:
             a, b = by_cell[ranked[0]["name"]]["runs"], by_cell[ranked[1]["name"]]["runs"]
             diffs = [b[s]["after"]["loss"] - a[s]["after"]["loss"] for s in a if s in b]
             entry.update(runner_up=ranked[1]["name"], margin=paired_stats(diffs))
+            if ranked[0].get("quantizes") != ranked[1].get("quantizes"):
+                entry["differs"] = {c["name"]: c.get("quantizes") for c in ranked[:2]}
         best.append(entry)
     return best
 
@@ -136,6 +149,9 @@ def _summary_text(summary: dict, has_control: bool, has_baseline: bool) -> list[
                 text += f" (95% CI {lo:.2f} to {hi:.2f} over {n} seeds: {sure})"
             else:
                 text += " (one seed: no error bar; run with --seeds 3 or more to know how sure this is)"
+        if entry.get("differs"):
+            text += ". Mind that the two quantize different tensors (" + "; ".join(
+                f"{name}: {what}" for name, what in entry["differs"].items()) + "), as the reference configs do"
         lines.append(text + ".")
     control = next((c for c in summary["cells"] if c["name"] == "fp32-control"), None)
     if has_control and control:

@@ -1,0 +1,51 @@
+"""The study's summary: best method per bit width, differences to the control, over seeds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from lowbit.report import summarize
+from lowbit.study import StudyConfig, plan_runs
+
+
+def _records(cfg: StudyConfig, losses: dict[str, list[float]]) -> dict[str, dict]:
+    """Synthetic finished records: ``losses[name][seed]`` is the run's test loss."""
+    records = {}
+    for run in plan_runs(cfg):
+        name = run.folder.split("/", 1)[1]
+        loss = losses[name][run.spec.seed]
+        calib = None
+        if run.spec.method:
+            layers = ["fc1", "fc21", "fc22", "fc3", "fc4"] if run.spec.method == "dorefa" else ["fc1", "fc21", "fc22", "fc3"]
+            calib = {layer: {} for layer in layers}
+        records[run.folder] = {
+            "spec": asdict(run.spec), "calibration_config": calib, "size_after": {},
+            "before": None if run.kind == "baseline" else {"loss": 105.0},
+            "after": {"loss": loss, "iwae": None, "eval_seconds_median3": 0.1},
+            "train": None if run.kind == "ptq" else {"seconds": 1.0},
+        }
+    return records
+
+
+def test_summary_ranks_methods_and_flags_different_configs():
+    cfg = StudyConfig(methods=("dorefa", "lsq"), bits=(4,), seeds=3, deploy=False)
+    losses = {"fp32-baseline": [105.0, 105.2, 104.9], "fp32-control": [104.0, 104.1, 103.9],
+              "dorefa-w4": [106.0, 106.3, 106.1], "lsq-w4": [107.0, 107.1, 107.3], "ptq-w4": [116.0, 115.0, 117.0]}
+    summary = summarize(cfg, plan_runs(cfg), _records(cfg, losses))
+    (best,) = summary["best"]
+    assert best["best"] == "dorefa-w4" and best["runner_up"] == "lsq-w4"
+    assert abs(best["margin"]["mean"] - (1.0 + 0.8 + 1.2) / 3) < 1e-9 and best["margin"]["significant"]
+    assert best["differs"] == {"dorefa-w4": "weights of fc1, fc21, fc22, fc3, fc4",
+                               "lsq-w4": "weights and inputs of fc1, fc21, fc22, fc3"}
+    text = " ".join(summary["text"])
+    assert "quantize different tensors" in text and "95% CI" in text
+    cells = {c["name"]: c for c in summary["cells"]}
+    assert abs(cells["lsq-w4"]["vs_control"]["mean"] - 3.1333333) < 1e-6
+    assert "vs_control" not in cells["ptq-w4"]  # PTQ has no fine-tuning budget to compare
+
+
+def test_same_configs_are_not_flagged():
+    cfg = StudyConfig(methods=("qat", "lsq"), bits=(8,), seeds=1, deploy=False, ptq=False)
+    losses = {"fp32-baseline": [105.0], "fp32-control": [104.0], "qat-w8": [104.1], "lsq-w8": [104.2]}
+    (best,) = summarize(cfg, plan_runs(cfg), _records(cfg, losses))["best"]
+    assert best["best"] == "qat-w8" and "differs" not in best and best["margin"]["ci95"] is None
