@@ -24,7 +24,7 @@ def test_help_lists_every_command(capsys):
     "argv, message",
     [(["train", "--epochs", "0"], "positive integer"), (["train", "--batch-size", "-3"], "positive integer"),
      (["train", "--dataset", "cifar"], "invalid choice"), (["study", "--bits", "8,0"], "1..16"),
-     (["study", "--seeds", "x"], "positive integer")],
+     (["study", "--seeds", "x"], "positive integer"), (["train", "--option", "dorefa_variant"], "KEY=VALUE")],
 )
 def test_bad_arguments_are_refused_with_a_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -62,6 +62,26 @@ def test_study_defaults_match_the_reference_protocol():
     assert cfg.epochs == cfg.finetune_epochs == 10 and cfg.seeds == 1 and cfg.ptq and cfg.control
     quick = StudyConfig.from_args(build_parser().parse_args(["study", "--quick"]))
     assert quick.epochs == quick.finetune_epochs == 1
+
+
+def test_options_are_parsed_as_json_values_and_reach_the_study():
+    from lowbit.study import StudyConfig
+
+    args = build_parser().parse_args(["study", "--option", "dorefa_variant=paper", "--option", "quant_start_step=200"])
+    cfg = StudyConfig.from_args(args)
+    assert cfg.extra_options == {"dorefa_variant": "paper", "quant_start_step": 200}
+    args = build_parser().parse_args(["train", "--method", "lsq", "--option", "lsq_plus=true"])
+    assert args.option == [("lsq_plus", True)]
+
+
+def test_study_option_for_no_studied_method_is_a_clear_error(capsys):
+    assert main(["study", "--methods", "qat", "--option", "lsq_plus=true"]) == 2
+    assert "belongs to none of the studied methods" in capsys.readouterr().err
+
+
+def test_train_option_without_method_is_refused(tmp_path, capsys):
+    assert main(["train", "--option", "lsq_plus=true", "--out", str(tmp_path / "r")]) == 2
+    assert "--option needs --method" in capsys.readouterr().err
 
 
 def _train(out, epochs):

@@ -159,3 +159,13 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path, mnist):
     a = json.loads((ref / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert _losses(a) == _losses(b)
+
+
+def test_study_options_reach_only_the_methods_that_accept_them():
+    cfg = StudyConfig(methods=("qat", "dorefa"), bits=(4,), extra_options={"dorefa_variant": "paper"})
+    opts = {r.folder: r.spec.options for r in plan_runs(cfg) if r.spec.method}
+    assert opts == {"seed0/qat-w4": {}, "seed0/dorefa-w4": {"dorefa_variant": "paper"}, "seed0/ptq-w4": {}}
+    with pytest.raises(ValueError, match=r"belongs to none of the studied methods \(qat, ptq\); their options: .*quant_start_step"):
+        StudyConfig(methods=("qat",), extra_options={"lsq_plus": True})
+    with pytest.raises(ValueError, match="'learned', 'scaled' or 'paper'"):
+        StudyConfig(methods=("dorefa",), extra_options={"dorefa_variant": "max"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE``; the value is read as JSON when it parses (numbers, true/false, null, lists),
+    else kept as a string: ``dorefa_variant=paper``, ``quant_start_step=200``, ``lsq_plus=true``."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. dorefa_variant=paper), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _add_option_arg(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help=f"a method option {where}, repeatable (e.g. dorefa_variant=paper, quant_start_step=200, "
+                        "lsq_plus=true, weight_range=reduced; see docs/QUANTIZERS.md)")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -74,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None,
                    help="config list: a preset (C0 = 8 bit, C1 = 4 bit, as in the reference study), "
                         "a JSON file or a JSON string (default C0)")
+    _add_option_arg(t, "for every config entry")
     _add_data_args(t)
 
     s = sub.add_parser("study", help="run the reference study (and more) and write a report",
@@ -98,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-control", action="store_true", help="skip the equal-budget fp32 control")
     s.add_argument("--no-deploy", action="store_true", help="skip the real-deployment (ONNX) table")
     s.add_argument("--iwae-k", type=int, default=None, help="IWAE samples (default 64; --quick 8)")
+    _add_option_arg(s, "(each goes to the methods that accept it)")
     _add_data_args(s)
 
     e = sub.add_parser("export", help="export a quantized run to ONNX with real integer weights",
@@ -135,8 +157,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = resolve_config(args.method, args.config) if args.method else None
     if args.config and not args.method:
         raise ValueError("--config needs --method (qat, dorefa, lsq or ptq)")
+    if args.option and not args.method:
+        raise ValueError("--option needs --method (qat, dorefa, lsq or ptq)")
     spec = RunSpec(name=args.out.name, epochs=args.epochs, method=args.method, config_list=config,
-                   seed=args.seed, batch_size=args.batch_size, lr=args.lr, iwae_k=args.iwae_k, dataset=args.dataset)
+                   options=dict(args.option), seed=args.seed, batch_size=args.batch_size, lr=args.lr, iwae_k=args.iwae_k, dataset=args.dataset)
     from .checkpoint import ensure_dir
 
     ensure_dir(args.out)

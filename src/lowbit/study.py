@@ -16,6 +16,7 @@ from typing import Any
 
 from .checkpoint import CheckpointError, ensure_dir, read_json, write_json
 from .experiment import RECORD, RunSpec, machine_info, run_experiment
+from .methods import get_method
 from .presets import REFERENCE, reference_config
 
 __all__ = ["StudyConfig", "PlannedRun", "plan_runs", "run_study", "load_records"]
@@ -61,6 +62,15 @@ class StudyConfig:
             raise ValueError(f"preset must be 'default' or 'reference', got {self.preset!r}")
         if self.iwae_k < 0:
             raise ValueError(f"iwae_k must be >= 0, got {self.iwae_k}")
+        studied = list(self.methods) + (["ptq"] if self.ptq else [])
+        for key in self.extra_options:
+            if not any(key in get_method(m).options for m in studied):
+                known = sorted({k for m in studied for k in get_method(m).options})
+                raise ValueError(f"option {key!r} belongs to none of the studied methods ({', '.join(studied)}); "
+                                 f"their options: {', '.join(known)}")
+            opt = next(get_method(m).options[key] for m in studied if key in get_method(m).options)
+            if not opt.check(self.extra_options[key]):
+                raise ValueError(f"option {key}={self.extra_options[key]!r}: expected {opt.expected}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
@@ -87,6 +97,7 @@ class StudyConfig:
             dataset=args.dataset,
             data_dir=args.data_dir,
             progress=not args.no_progress,
+            extra_options=dict(getattr(args, "option", None) or []),
         )
 
 
@@ -106,6 +117,13 @@ def _config_for(method: str, bits: int, cfg: StudyConfig) -> list[dict]:
     if cfg.layers == "reference" and cfg.granularity is None and bits in (8, 4) and method != "ptq":
         return REFERENCE[(method, "C0" if bits == 8 else "C1")]
     return reference_config(method, bits, cfg.layers, cfg.granularity)
+
+
+def _options_for(method: str, cfg: StudyConfig) -> dict:
+    """The study's ``--option`` values that ``method`` accepts (an option of DoReFa's does not
+    reach QAT)."""
+    accepted = get_method(method).options
+    return {k: v for k, v in cfg.extra_options.items() if k in accepted}
 
 
 def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
@@ -134,7 +152,7 @@ def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
                 plan.append(PlannedRun(spec, folder, init, kind="control"))
                 continue
             spec = RunSpec(name=folder, epochs=cfg.finetune_epochs, method=method,
-                           config_list=_config_for(method, bits, cfg), options=dict(cfg.extra_options),
+                           config_list=_config_for(method, bits, cfg), options=_options_for(method, cfg),
                            seed=seed, **common)
             plan.append(PlannedRun(spec, folder, init, kind="ptq" if method == "ptq" else "quantized", bits=bits))
     return plan
