@@ -267,6 +267,7 @@ def write_figures(out, plan, records, summary, test_images) -> dict[str, str]:
             if ref:
                 ax.axhline(ref["loss"]["mean"], linestyle=style, color="gray", label=name)
         ax.set_xlabel("bits")
+        ax.set_xticks(sorted({c["bits"] for c in cells}))  # only the widths studied, no 7.5-bit ticks
         ax.set_ylabel("test loss (nats per image)")
         ax.invert_xaxis()
         ax.legend(fontsize=8)
