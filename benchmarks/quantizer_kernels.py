@@ -1,0 +1,77 @@
+"""Per-quantizer cost: forward + backward of each method's weight quantizer on the VAE's largest
+weight (400 x 784), and of the activation quantizers on a batch of fc1's input (128 x 784), plus
+the two ways of computing DoReFa's tanh.  Microseconds per call, median of ``--reps`` rounds of
+``--calls`` calls, measured in one process; 1 thread by default.
+
+    python benchmarks/quantizer_kernels.py
+    python benchmarks/quantizer_kernels.py --threads 2
+
+For scale: one fp32 VAE training step (batch 128) takes about 8 ms at 1 thread on the 2-core EPYC
+these figures were taken on (``benchmarks/quant_overhead.py`` times whole epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.methods.dorefa import tanh as lowbit_tanh
+
+
+def per_call_us(fn, calls: int, reps: int) -> float:
+    for _ in range(10):
+        fn()
+    rounds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    timings: dict[str, float] = {}
+
+    w = (torch.randn(400, 784) * 0.05).requires_grad_()
+    g = torch.randn(400, 784)
+    timings["torch.tanh, forward"] = per_call_us(lambda: torch.tanh(w.detach()), args.calls, args.reps)
+    timings["lowbit tanh (exp form), forward"] = per_call_us(lambda: lowbit_tanh(w.detach()), args.calls, args.reps)
+    timings["torch.tanh, forward + backward"] = per_call_us(lambda: torch.tanh(w).backward(g), args.calls, args.reps)
+    timings["lowbit tanh, forward + backward"] = per_call_us(lambda: lowbit_tanh(w).backward(g), args.calls, args.reps)
+
+    x = torch.rand(128, 784)
+    for method in ("qat", "ptq", "lsq", "dorefa"):
+        m = nn.Sequential(nn.Linear(784, 400))
+        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+        layer = m[0]
+        if method == "ptq":
+            lowbit.calibrate(m, [x])
+        else:
+            layer(x)  # first batch: initialises activation ranges / steps
+        wq, iq = layer.weight_quantizer, layer.input_quantizer
+        timings[f"{method} weight quantizer, fwd + bwd"] = per_call_us(
+            lambda: wq(layer.module.weight).backward(g), args.calls, args.reps)
+        xg = x.clone().requires_grad_()
+        gx = torch.randn_like(x)
+        timings[f"{method} input quantizer, fwd + bwd"] = per_call_us(lambda: iq(xg).backward(gx), args.calls, args.reps)
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s), microseconds per call (median of {args.reps})")
+    for name, us in timings.items():
+        print(f"{name:<40} {us:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
