@@ -1,0 +1,37 @@
+"""The benchmark scripts run (tiny settings: this checks they work, not their figures)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True,
+                         timeout=600)
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_quant_overhead_runs():
+    out = _run("quant_overhead.py", "--images", "512", "--reps", "1", "--chunks", "1", "--threads", "1")
+    for row in ("fp32 + fc1 input grad", "lsq W8A8 4 layers", "dorefa W8A8 5 layers"):
+        assert row in out
+
+
+@pytest.mark.slow
+def test_quantizer_kernels_runs():
+    out = _run("quantizer_kernels.py", "--calls", "2", "--reps", "1")
+    assert "lowbit tanh" in out and "dorefa weight quantizer" in out
+
+
+@pytest.mark.slow
+def test_dorefa_variants_runs(mnist):
+    out = _run("dorefa_variants.py", "--epochs", "1", "--finetune-epochs", "1", "--variants", "learned", "paper",
+               "--threads", "1")
+    assert "learned" in out and "paper" in out and "fp32 baseline" in out
