@@ -160,7 +160,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.option and not args.method:
         raise ValueError("--option needs --method (qat, dorefa, lsq or ptq)")
     spec = RunSpec(name=args.out.name, epochs=args.epochs, method=args.method, config_list=config,
-                   options=dict(args.option), seed=args.seed, batch_size=args.batch_size, lr=args.lr, iwae_k=args.iwae_k, dataset=args.dataset)
+                   options=dict(args.option), seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                   iwae_k=args.iwae_k, dataset=args.dataset)
     from .checkpoint import ensure_dir
 
     ensure_dir(args.out)
