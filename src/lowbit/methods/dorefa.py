@@ -10,8 +10,8 @@ Weights, ``dorefa_variant``:
   paper's step gradient, clipped straight-through for ``w``).  The paper normalises by
   ``max|tanh(w)|`` instead, so one outlier weight sets the grid: on the study's VAE, fc1's largest
   weight is ten times its typical one and at 4 bits nearly all of fc1 rounds to 0 — from the same
-  fp32 start, 10 epochs of 4-bit fine-tuning end at 116.7 nats max-normalised (``"scaled"``) and
-  106.4 with the learned clip (``python benchmarks/dorefa_variants.py``; docs/QUANTIZERS.md).
+  fp32 start, 10 epochs of 4-bit fine-tuning end at 116.0 nats max-normalised (``"scaled"``) and
+  106.5 with the learned clip (``python benchmarks/dorefa_variants.py``; docs/QUANTIZERS.md).
 * ``"scaled"`` — ``u = tanh(w) / max|tanh(w)|`` in ``[-1, 1]``, rounded onto the symmetric signed
   grid ``[-n, n]``, times a per-layer scale ``max|w| / n`` (``max|w|`` of the float weights,
   recomputed at every step, no gradient through it) so the layer keeps its output magnitude.
