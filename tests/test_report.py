@@ -42,6 +42,19 @@ def test_summary_ranks_methods_and_flags_different_configs():
     cells = {c["name"]: c for c in summary["cells"]}
     assert abs(cells["lsq-w4"]["vs_control"]["mean"] - 3.1333333) < 1e-6
     assert "vs_control" not in cells["ptq-w4"]  # PTQ has no fine-tuning budget to compare
+    assert cells["dorefa-w4"]["reference"] == 106.02 and cells["ptq-w4"]["reference"] is None
+
+
+def test_terminal_table_shows_the_reference_figure(capsys):
+    from rich.console import Console
+
+    from lowbit.report import print_summary_table
+
+    cfg = StudyConfig(methods=("lsq",), bits=(4,), seeds=1, deploy=False, ptq=False)
+    losses = {"fp32-baseline": [105.0], "fp32-control": [104.0], "lsq-w4": [106.7]}
+    print_summary_table(summarize(cfg, plan_runs(cfg), _records(cfg, losses)), Console(width=200))
+    out = capsys.readouterr().out
+    assert "reference (NNI)" in out and "108.04" in out
 
 
 def test_same_configs_are_not_flagged():

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .presets import reference_loss
+
 __all__ = ["print_run_table", "fmt"]
 
 
@@ -96,6 +98,8 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         row["eval_seconds"] = paired_stats([rec["after"]["eval_seconds_median3"] for _, rec in runs])
         row["size"] = runs[0][1]["size_after"]
         row["quantizes"] = _quantizes(runs[0][1])
+        spec = runs[0][1]["spec"]
+        row["reference"] = reference_loss(spec.get("method"), spec.get("config_list"), spec.get("dataset", "mnist"))
         if runs[0][1]["before"] is not None:  # after - the fp32 model it started from, per seed
             row["vs_start"] = paired_stats([rec["after"]["loss"] - rec["before"]["loss"] for _, rec in runs])
         if control and cell is not control and cell["kind"] == "quantized":
@@ -190,11 +194,12 @@ def print_summary_table(summary: dict, console: Console | None = None) -> None:
     """The terminal's closing table: each cell's loss, IWAE and difference to the fp32 control."""
     console = console or Console()
     table = Table(title=f"lowbit study ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''})")
-    for col in ("run", "bits", "test loss", "IWAE NLL", "Δ vs fp32 control", "Δ vs its fp32 start"):
+    for col in ("run", "bits", "test loss", "IWAE NLL", "Δ vs fp32 control", "Δ vs its fp32 start",
+                "reference (NNI)"):
         table.add_column(col, justify="right" if col != "run" else "left")
     for c in summary["cells"]:
         table.add_row(c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
-                      _diff(c.get("vs_start")))
+                      _diff(c.get("vs_start")), fmt(c.get("reference")))
     console.print(table)
     for line in summary["text"]:
         console.print(line.replace("**", ""))
@@ -313,8 +318,6 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
            "starts from. Timings are this machine's (train s = all fine-tuning epochs; eval s = median of 3 passes "
            "over the 10,000 test images). *reference after*: the reference study's own figure for the same "
            "config list (NNI, SEED_STUDY.md), and our loss minus it (negative = lowbit lower).", ""]
-    from .presets import reference_loss
-
     rows = []
     for run in runs0:
         if run.kind == "baseline":
