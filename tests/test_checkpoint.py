@@ -29,6 +29,34 @@ def test_save_and_load_round_trip(tmp_path, tiny_images):
     assert json.loads((tmp_path / "run" / "meta.json").read_text())["seed"] == 0
 
 
+def test_a_run_keeps_its_meaning_when_a_default_changes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import lowbit
+    from lowbit.methods import get_method
+
+    cfg = [{"quant_types": ["weight"], "quant_bits": {"weight": 4}, "op_types": ["Linear"]}]
+    quant = {"method": "dorefa", "config_list": cfg, "options": {}}
+    torch.manual_seed(0)
+    model = lowbit.quantize(VAE(), cfg, "dorefa")
+    save_run(tmp_path / "run", model, model_spec={"name": "vae", "kwargs": {}}, quant=quant)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["quant"]["method_defaults"]["dorefa_variant"] == "learned" and meta["lowbit"] == lowbit.__version__
+    # a later lowbit with another default still rebuilds the run as it was trained
+    dorefa = get_method("dorefa")
+    monkeypatch.setitem(dorefa.options, "dorefa_variant", replace(dorefa.options["dorefa_variant"], default="paper"))
+    assert load_model(tmp_path / "run").fc1.weight_quantizer.variant == "learned"
+    monkeypatch.undo()
+    # a run saved before defaults were recorded (lowbit < 0.2.0) gets that version's default
+    old = tmp_path / "old"
+    scaled = lowbit.quantize(VAE(), cfg, "dorefa", dorefa_variant="scaled")
+    save_run(old, scaled, model_spec={"name": "vae", "kwargs": {}}, quant=quant)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["quant"]["method_defaults"], meta["lowbit"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert load_model(old).fc1.weight_quantizer.variant == "scaled"
+
+
 def test_checkpoint_is_not_a_pickle(tmp_path):
     save_run(tmp_path, VAE(), model_spec={"name": "vae", "kwargs": {}})
     head = (tmp_path / "model.safetensors").read_bytes()[:16]

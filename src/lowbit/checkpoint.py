@@ -2,8 +2,9 @@
 
 A run directory holds ``model.safetensors`` (the state dict, quantizer state included) and
 ``meta.json`` (how to rebuild the model: its registered name and kwargs, and the quantization
-method, config list and options).  :func:`load_model` rebuilds the model from those alone: no
-pickle, no code from the files is executed.
+method, config list, options and the method's option defaults at save time).  :func:`load_model`
+rebuilds the model from those alone: no pickle, no code from the files is executed.  Because the
+defaults are saved, a run keeps its meaning when a later lowbit changes a default.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ __all__ = [
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 OPTIMIZER = "optimizer.safetensors"
+
+#: Option defaults of lowbit versions that did not save them (before 0.2.0), where they differ
+#: from today's: DoReFa's weights were max-scaled then.
+_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"dorefa": {"dorefa_variant": "scaled"}}
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    from .methods import get_method
+
+    return {k: o.default for k, o in get_method(method).options.items()}
 
 
 class CheckpointError(ValueError):
@@ -122,10 +133,14 @@ def save_run(
         quant: ``{"method", "config_list", "options"}`` given to :func:`lowbit.quantize`, or None.
         extra: more JSON-serialisable facts to keep in ``meta.json``.
     """
+    from . import __version__
+
     run_dir = ensure_dir(run_dir)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS, save(state))
-    meta = {"model": model_spec, "quant": quant, **(extra or {})}
+    if quant:
+        quant = {**quant, "method_defaults": _method_defaults(quant["method"])}
+    meta = {"model": model_spec, "quant": quant, "lowbit": __version__, **(extra or {})}
     write_json(run_dir / META, meta)
     return run_dir
 
@@ -153,7 +168,10 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     if quant:
         from .quantize import quantize
 
-        quantize(model, quant["config_list"], method=quant["method"], **quant.get("options", {}))
+        defaults = quant.get("method_defaults")
+        if defaults is None:  # saved by lowbit < 0.2.0
+            defaults = _LEGACY_DEFAULTS.get(quant["method"], {})
+        quantize(model, quant["config_list"], method=quant["method"], **{**defaults, **quant.get("options", {})})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(
