@@ -44,12 +44,6 @@ OPTIMIZER = "optimizer.safetensors"
 _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"dorefa": {"dorefa_variant": "scaled"}}
 
 
-def _method_defaults(method: str) -> dict[str, Any]:
-    from .methods import get_method
-
-    return {k: o.default for k, o in get_method(method).options.items()}
-
-
 class CheckpointError(ValueError):
     """A run directory or output path that cannot be written or read; the message says why."""
 
@@ -139,7 +133,9 @@ def save_run(
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS, save(state))
     if quant:
-        quant = {**quant, "method_defaults": _method_defaults(quant["method"])}
+        from .methods import get_method
+
+        quant = {**quant, "method_defaults": get_method(quant["method"]).option_defaults()}
     meta = {"model": model_spec, "quant": quant, "lowbit": __version__, **(extra or {})}
     write_json(run_dir / META, meta)
     return run_dir

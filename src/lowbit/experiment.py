@@ -62,7 +62,7 @@ class RunSpec:
         if self.method is not None:
             from .methods import get_method
 
-            defaults = {k: o.default for k, o in get_method(self.method).options.items()}
+            defaults = get_method(self.method).option_defaults()
         blob = json.dumps(
             {"spec": asdict(self), "init": init_key, "version": __version__, "method_defaults": defaults},
             sort_keys=True,

@@ -210,6 +210,11 @@ class Method:
     min_range_bits: ClassVar[int] = 1
 
     @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """``{option: default}`` — what an unset per-method key means in this lowbit version."""
+        return {k: o.default for k, o in cls.options.items()}
+
+    @classmethod
     def resolve_tensor(
         cls,
         quant_type: str,
