@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
+
 __all__ = [
     "MIN_SCALE",
     "AffineGrid",
@@ -380,8 +382,18 @@ def lsq_fake_quantize(
     ``dL/dzero_point = -grad_factor * scale * sum(g)`` over the elements outside.
     Values are those of ``torch._fake_quantize_learnable_per_tensor_affine``; its gradients differ
     only for ``v`` within half a step beyond either end, which it counts as inside.
+    Per-tensor, without offset, float32 on the CPU: the fused kernel (:mod:`lowbit.kernels`).
     """
+    if axis is None and zero_point is None and _fusable(x) and _fusable(scale) and scale.numel() == 1:
+        k = kernels.get()
+        if k is not None:
+            return k.lsq(x, scale, qmin, qmax, grad_factor, False)
     return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis)
+
+
+def _fusable(t: Tensor) -> bool:
+    """Whether the fused CPU kernels take this tensor (float32 on the CPU)."""
+    return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -461,7 +473,12 @@ def ste_fake_quantize_scalar(
     """Per-tensor fake quantization with a straight-through gradient, grid given as Python numbers:
     ``s`` (a float32 value), ``inv = f32(1/s)`` and the clamp bounds ``lo = qmin - zp``,
     ``hi = qmax - zp``.  Same values as :func:`fake_quantize` (and the fused kernel).
-    ``clamp=False`` skips the clamp when the caller knows no code can leave ``[lo, hi]``."""
+    ``clamp=False`` skips the clamp when the caller knows no code can leave ``[lo, hi]``.
+    float32 CPU tensors take the fused kernel (:mod:`lowbit.kernels`), which always clamps."""
+    if _fusable(x):
+        k = kernels.get()
+        if k is not None:
+            return k.ste(x, s, lo, hi)
     if x.requires_grad:
         if x.numel() >= _STE_FUNCTION_NUMEL:
             return _STEScalar.apply(x, s, inv, lo, hi, clamp)
@@ -482,7 +499,12 @@ def clipped_fake_quantize_scalar(x: Tensor, s: float, inv: float, lo: float, hi:
     Python numbers (see :func:`ste_fake_quantize_scalar`).  ``x`` is clipped to the grid's range
     ``[lo s, hi s]`` first (``hardtanh``, whose fused backward gives the gradient: 1 strictly inside
     the range, 0 outside), then rounded in place — values exactly :func:`fake_quantize`'s, since
-    ``round(f32(hi s) * inv)`` is ``hi`` for any grid of up to 16 bits."""
+    ``round(f32(hi s) * inv)`` is ``hi`` for any grid of up to 16 bits.  float32 CPU tensors take
+    the fused kernel (:mod:`lowbit.kernels`), same values and gradient."""
+    if _fusable(x):
+        k = kernels.get()
+        if k is not None:
+            return k.clipped(x, s, lo, hi)
     if x.requires_grad:
         y = torch.nn.functional.hardtanh(x, lo * s, hi * s)
         d = y.detach()

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (
     MIN_SCALE,
@@ -67,7 +68,8 @@ def _exp_tanh(x: Tensor) -> Tensor:
 class _Tanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
-        t = _exp_tanh(x)
+        k = kernels.get()
+        t = _exp_tanh(x) if k is None else k.tanh(x)
         ctx.save_for_backward(t)
         return t
 
@@ -86,7 +88,8 @@ def tanh(x: Tensor) -> Tensor:
         return torch.tanh(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _Tanh.apply(x)
-    return _exp_tanh(x)
+    k = kernels.get()
+    return _exp_tanh(x) if k is None else k.tanh(x)
 
 
 def dorefa_weight_codes(w: Tensor, range_bits: int, variant: str) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
@@ -182,6 +185,9 @@ class DoReFaWeightQuantizer(Quantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if self.learned:
+            k = kernels.get() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+            if k is not None:  # tanh and the learned clip in one pass each way
+                return k.lsq(w, self.scale, self.qmin, self.qmax, self._grad_factor, True)
             return lsq_fake_quantize(tanh(w), self.scale, None, self.qmin, self.qmax, self._grad_factor)
         if self.spec.range_bits == 1:
             out, scale = _Binary.apply(w)

@@ -1,0 +1,283 @@
+// Fused CPU kernels for lowbit's per-tensor fake quantizers (float32).
+//
+// Each quantizer is one pass over the tensor forward and one backward, with its autograd rule in
+// C++ (no Python per call).  The values are exactly those of lowbit.fake_quant.fake_quantize:
+//     code = clamp(round_half_even(x * inv), lo, hi),  x_hat = code * s
+// with s a float32 step, inv = float32(1 / s) and [lo, hi] the code range minus the zero point.
+// Gradients follow lowbit.fake_quant (straight-through, clipped straight-through, LSQ), with the
+// LSQ step gradient accumulated per element as g * (x_hat - x) inside the range and g * x_hat
+// outside (the paper's (c - v) s and c s), in double across chunks.
+// lowbit.kernels compiles this file on first use; lowbit falls back to its PyTorch code when it
+// cannot (no compiler), with the same values.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::Function;
+using torch::autograd::tensor_list;
+
+constexpr int64_t kGrain = 1 << 14;  // elements per task in at::parallel_for
+constexpr int kLanes = 16;           // independent float accumulators (vectorisable reduction)
+constexpr float kMinScale = 1e-8f;
+
+struct Grid {
+  float s, inv, lo, hi;  // step, float32(1/step), code bounds
+  float lo_x, hi_x;      // float32(lo * s), float32(hi * s): the range in x-space (strict inside)
+};
+
+Grid make_grid(double s, double lo, double hi) {
+  Grid g;
+  g.s = static_cast<float>(s);
+  g.inv = static_cast<float>(1.0 / static_cast<double>(g.s));
+  g.lo = static_cast<float>(lo);
+  g.hi = static_cast<float>(hi);
+  g.lo_x = static_cast<float>(lo * static_cast<double>(g.s));
+  g.hi_x = static_cast<float>(hi * static_cast<double>(g.s));
+  return g;
+}
+
+inline float code(float x, const Grid& g) {
+  float v = std::nearbyint(x * g.inv);  // round half to even (default rounding mode)
+  v = v < g.lo ? g.lo : v;              // NaN passes through, as torch.clamp
+  return v > g.hi ? g.hi : v;
+}
+
+inline bool inside(float x, const Grid& g) { return x > g.lo_x && x < g.hi_x; }
+
+// exp for the tanh below: Cody-Waite reduction and Cephes' degree-6 polynomial (about 1 ulp),
+// written so that the compiler vectorises it (torch's CPU build runs tanh unvectorised).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+
+// the loops, with restrict pointers and the grid by value so that they vectorise
+void quantize_span(const float* __restrict__ x, float* __restrict__ out, int64_t n, const Grid g) {
+  for (int64_t i = 0; i < n; ++i) out[i] = code(x[i], g) * g.s;
+}
+
+void tanh_quantize_span(const float* __restrict__ x, float* __restrict__ t, float* __restrict__ out, int64_t n,
+                        const Grid g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = tanh_approx(x[i]);
+    t[i] = v;
+    out[i] = code(v, g) * g.s;
+  }
+}
+
+void mask_span(const float* __restrict__ x, const float* __restrict__ gr, float* __restrict__ gx, int64_t n,
+               const Grid g) {
+  for (int64_t i = 0; i < n; ++i) gx[i] = inside(x[i], g) ? gr[i] : 0.0f;
+}
+
+void tanh_mask_span(const float* __restrict__ t, const float* __restrict__ gr, float* __restrict__ gx, int64_t n,
+                    const Grid g) {
+  for (int64_t i = 0; i < n; ++i) gx[i] = inside(t[i], g) ? gr[i] * (1.0f - t[i] * t[i]) : 0.0f;
+}
+
+// sum of g * dx_hat/ds * s over a span: g (x_hat - x) inside the range, g x_hat outside
+double step_grad_span(const float* __restrict__ x, const float* __restrict__ gr, int64_t n, const Grid g) {
+  double total = 0.0;
+  for (int64_t blk = 0; blk < n; blk += 4096) {
+    const int64_t end = std::min(n, blk + 4096);
+    float acc[kLanes] = {0};
+    int64_t i = blk;
+    for (; i + kLanes <= end; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float v = x[i + l];
+        const float q = code(v, g) * g.s;
+        acc[l] += gr[i + l] * (inside(v, g) ? q - v : q);
+      }
+    }
+    double part = 0.0;
+    for (; i < end; ++i) {
+      const float q = code(x[i], g) * g.s;
+      part += gr[i] * (inside(x[i], g) ? q - x[i] : q);
+    }
+    for (int l = 0; l < kLanes; ++l) part += acc[l];
+    total += part;
+  }
+  return total;
+}
+
+float* fptr(Tensor& t) { return t.data_ptr<float>(); }
+const float* cfptr(const Tensor& t) { return t.data_ptr<float>(); }
+
+Tensor as_f32(const Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
+              "lowbit fused kernels take float32 CPU tensors, got ", t.scalar_type(), " on ", t.device());
+  return t.contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// straight-through (weights of QAT/PTQ) and clipped straight-through (activations)
+
+Tensor fq_forward(const Tensor& x, const Grid& g) {
+  Tensor out = torch::empty_like(x);
+  const float* xp = cfptr(x);
+  float* op = fptr(out);
+  at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(xp + b, op + b, e - b, g); });
+  return out;
+}
+
+struct STEFn : public Function<STEFn> {
+  static Tensor forward(AutogradContext*, const Tensor& x, double s, double lo, double hi) {
+    return fq_forward(as_f32(x), make_grid(s, lo, hi));
+  }
+  static tensor_list backward(AutogradContext*, tensor_list grads) {
+    return {grads[0], Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct ClippedFn : public Function<ClippedFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, double s, double lo, double hi) {
+    Tensor x = as_f32(x_in);
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["lo"] = lo;
+    ctx->saved_data["hi"] = hi;
+    ctx->save_for_backward({x});
+    return fq_forward(x, make_grid(s, lo, hi));
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    Tensor x = ctx->get_saved_variables()[0];
+    Grid g = make_grid(ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(), ctx->saved_data["hi"].toDouble());
+    Tensor go = grads[0].contiguous();
+    Tensor gx = torch::empty_like(x);
+    const float *xp = cfptr(x), *gp = cfptr(go);
+    float* gxp = fptr(gx);
+    at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { mask_span(xp + b, gp + b, gxp + b, e - b, g); });
+    return {gx.view(grads[0].sizes()), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// LSQ (per-tensor step, zero point 0), optionally on tanh(x) (DoReFa's learned variant)
+
+Grid lsq_grid(const Tensor& scale, int64_t qmin, int64_t qmax, double* sign) {
+  const float raw = scale.item<float>();
+  float s = std::fabs(raw);
+  s = s < kMinScale ? kMinScale : s;
+  *sign = raw < 0 ? -1.0 : 1.0;
+  return make_grid(s, static_cast<double>(qmin), static_cast<double>(qmax));
+}
+
+struct LSQFn : public Function<LSQFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& scale, int64_t qmin, int64_t qmax,
+                        double grad_factor, bool tanh_first) {
+    Tensor x = as_f32(x_in);
+    double sign = 1.0;
+    const Grid g = lsq_grid(scale, qmin, qmax, &sign);
+    Tensor out = torch::empty_like(x);
+    const float* xp = cfptr(x);
+    float* op = fptr(out);
+    Tensor saved = x;
+    if (tanh_first) {
+      saved = torch::empty_like(x);  // t = tanh(x), needed by the backward pass
+      float* tp = fptr(saved);
+      at::parallel_for(0, x.numel(), kGrain,
+                       [=](int64_t b, int64_t e) { tanh_quantize_span(xp + b, tp + b, op + b, e - b, g); });
+    } else {
+      at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(xp + b, op + b, e - b, g); });
+    }
+    ctx->saved_data["s"] = static_cast<double>(g.s);
+    ctx->saved_data["lo"] = static_cast<double>(qmin);
+    ctx->saved_data["hi"] = static_cast<double>(qmax);
+    ctx->saved_data["factor"] = grad_factor * sign / static_cast<double>(g.s);
+    ctx->saved_data["tanh"] = tanh_first;
+    ctx->saved_data["s_shape"] = scale.sizes().vec();
+    ctx->save_for_backward({saved});
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    Tensor v = ctx->get_saved_variables()[0];  // x, or tanh(x)
+    const Grid g = make_grid(ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
+                             ctx->saved_data["hi"].toDouble());
+    const bool tanh_first = ctx->saved_data["tanh"].toBool();
+    const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
+    Tensor go = grads[0].contiguous();
+    const float *vp = cfptr(v), *gp = cfptr(go);
+    Tensor gx;
+    float* gxp = nullptr;
+    if (want_x) {
+      gx = torch::empty_like(v);
+      gxp = fptr(gx);
+    }
+    const int64_t n = v.numel();
+    auto mask = [=](int64_t b, int64_t e) {
+      if (tanh_first)
+        tanh_mask_span(vp + b, gp + b, gxp + b, e - b, g);
+      else
+        mask_span(vp + b, gp + b, gxp + b, e - b, g);
+    };
+    double total = 0.0;
+    if (want_s) {
+      total = at::parallel_reduce(0, n, kGrain, 0.0, [=](int64_t b, int64_t e, double acc) {
+        if (gxp != nullptr) mask(b, e);
+        return acc + step_grad_span(vp + b, gp + b, e - b, g);
+      }, std::plus<double>());
+    } else if (want_x) {
+      at::parallel_for(0, n, kGrain, mask);
+    }
+    Tensor scale_grad;
+    if (want_s) {
+      const double factor = ctx->saved_data["factor"].toDouble();
+      scale_grad = torch::full(ctx->saved_data["s_shape"].toIntVector(), static_cast<float>(total) * factor,
+                               torch::kFloat32);
+    }
+    if (want_x) gx = gx.view(grads[0].sizes());
+    return {gx, scale_grad, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor ste(const Tensor& x, double s, double lo, double hi) { return STEFn::apply(x, s, lo, hi); }
+Tensor clipped(const Tensor& x, double s, double lo, double hi) { return ClippedFn::apply(x, s, lo, hi); }
+Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, double grad_factor, bool tanh_first) {
+  return LSQFn::apply(x, scale, qmin, qmax, grad_factor, tanh_first);
+}
+Tensor tanh_forward(const Tensor& x_in) {
+  Tensor x = as_f32(x_in);
+  Tensor out = torch::empty_like(x);
+  const float* xp = cfptr(x);
+  float* op = fptr(out);
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) op[i] = tanh_approx(xp[i]);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lowbit's fused CPU fake-quantization kernels (float32, per-tensor)";
+  m.def("ste", &ste, "fake-quantize, straight-through gradient", py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"));
+  m.def("clipped", &clipped, "fake-quantize, clipped straight-through gradient", py::arg("x"), py::arg("s"),
+        py::arg("lo"), py::arg("hi"));
+  m.def("lsq", &lsq, "LSQ fake quantization with a learned per-tensor step", py::arg("x"), py::arg("scale"),
+        py::arg("qmin"), py::arg("qmax"), py::arg("grad_factor"), py::arg("tanh_first") = false);
+  m.def("tanh", &tanh_forward, "tanh (no autograd), the kernels' vectorised form");
+}

@@ -1,0 +1,221 @@
+"""The fused CPU kernels (lowbit.kernels) against lowbit's PyTorch code and the definitions: same
+values bit for bit, same input gradients, LSQ's step gradient equal to the paper's sum; and the
+loader's modes (off, auto with a warning when the build fails, required)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import kernels
+from lowbit.fake_quant import (
+    clipped_fake_quantize_scalar,
+    f32,
+    fake_quantize,
+    lsq_fake_quantize,
+    qrange,
+    ste_fake_quantize_scalar,
+)
+from lowbit.methods.dorefa import tanh as dorefa_tanh
+
+
+@pytest.fixture(scope="module")
+def k():
+    mod = kernels.get()
+    if mod is None:
+        if kernels.mode() == "1":  # pragma: no cover - get() raises first
+            pytest.fail("LOWBIT_KERNELS=1 but the kernels are not available")
+        pytest.skip("the fused kernels are off (LOWBIT_KERNELS=0) or did not build here; LOWBIT_KERNELS=1 requires them")
+    return mod
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _grads(fn, x: torch.Tensor, scale: torch.Tensor | None, g: torch.Tensor):
+    x = x.detach().clone().requires_grad_()
+    s = None if scale is None else scale.detach().clone().requires_grad_()
+    y = fn(x, s)
+    y.backward(g)
+    return y.detach(), x.grad, None if s is None else s.grad
+
+
+# sizes below and above one parallel task (16384 elements), shapes of any rank, 1 and 2 threads
+SHAPES = [(7,), (300, 41), (400, 784), (8, 3, 17, 19)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ste_and_clipped_equal_the_pytorch_code(k, shape, threads):
+    torch.set_num_threads(threads)
+    gen = _gen(len(shape))
+    x = torch.randn(shape, generator=gen) * 2
+    g = torch.randn(shape, generator=gen)
+    for qmin, qmax, zp in ((-128, 127, 3), (0, 255, 17), (-8, 7, 0), (0, 15, 0)):
+        s = f32(0.013)
+        inv = f32(1 / s)
+        lo, hi = qmin - zp, qmax - zp
+        for fn in (ste_fake_quantize_scalar, clipped_fake_quantize_scalar):
+            fused = _grads(lambda t, _: fn(t, s, inv, lo, hi), x, None, g)
+            with kernels.disabled():
+                ref = _grads(lambda t, _: fn(t, s, inv, lo, hi), x, None, g)
+            assert torch.equal(fused[0], ref[0]), fn.__name__
+            assert torch.equal(fused[1], ref[1]), fn.__name__
+            # and the values are the grid's
+            assert torch.equal(fused[0], fake_quantize(x, torch.tensor(s), torch.tensor(zp), qmin, qmax))
+
+
+def test_non_contiguous_input(k):
+    x = torch.randn(64, 50, generator=_gen(1)).t()
+    s = f32(0.05)
+    y = ste_fake_quantize_scalar(x, s, f32(1 / s), -128, 127)
+    assert y.shape == x.shape
+    assert torch.equal(y, fake_quantize(x, torch.tensor(s), None, -128, 127))
+
+
+def _paper_step_grad(x: torch.Tensor, s: float, qmin: int, qmax: int, g: torch.Tensor, gf: float) -> float:
+    """Esser et al. 2020, eq. 3, in float64: d x_hat / d s = -Qn, Qp outside, round(v) - v inside."""
+    v = x.double() / s
+    inside = (v > qmin) & (v < qmax)
+    code = torch.clamp(torch.round(x * f32(1 / s)), qmin, qmax).double()  # float32 x * (1/s), as the grid
+    d = torch.where(inside, code - v, code)
+    return float((g.double() * d).sum() * gf)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_lsq_equals_the_pytorch_code_and_the_paper(k, shape, signed, threads):
+    torch.set_num_threads(threads)
+    gen = _gen(len(shape) + signed)
+    qmin, qmax = qrange(4, signed)
+    x = torch.randn(shape, generator=gen) * 0.3
+    if not signed:
+        x = x.abs()
+    g = torch.randn(shape, generator=gen)
+    gf = 1 / math.sqrt(x.numel() * qmax)
+    for raw in (0.05, -0.05, 1e-12):  # a negative step acts by its magnitude; a tiny one is clamped
+        scale = torch.tensor(raw)
+        fused = _grads(lambda t, s: lsq_fake_quantize(t, s, None, qmin, qmax, gf), x, scale, g)
+        with kernels.disabled():
+            ref = _grads(lambda t, s: lsq_fake_quantize(t, s, None, qmin, qmax, gf), x, scale, g)
+        assert torch.equal(fused[0], ref[0])
+        assert torch.equal(fused[1], ref[1])
+        assert fused[2].shape == scale.shape
+        step = max(f32(abs(raw)), f32(1e-8))
+        want = _paper_step_grad(x, step, qmin, qmax, g, gf) * (-1 if raw < 0 else 1)
+        assert fused[2].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_lsq_scale_of_shape_one_and_no_input_grad(k):
+    x = torch.randn(1000, generator=_gen(3))
+    s = torch.tensor([0.1], requires_grad=True)
+    y = lsq_fake_quantize(x, s, None, -8, 7, 0.5)  # x needs no gradient: only the step's
+    y.sum().backward()
+    assert s.grad.shape == (1,)
+    assert s.grad.item() == pytest.approx(_paper_step_grad(x, f32(0.1), -8, 7, torch.ones(1000), 0.5), rel=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dorefa_learned_fused_equals_the_composed_form(k, threads):
+    """DoReFa's learned variant runs tanh and LSQ in one kernel: same output as tanh() then LSQ,
+    gradient dL/dw = (clipped STE of the codes) * (1 - tanh(w)^2)."""
+    torch.set_num_threads(threads)
+    gen = _gen(5)
+    w = torch.randn(400, 784, generator=gen) * 0.2
+    g = torch.randn(400, 784, generator=gen)
+    qmin, qmax, gf = -7, 7, 1e-3
+    scale = torch.tensor(0.06)
+    fused = _grads(lambda t, s: k.lsq(t, s, qmin, qmax, gf, True), w, scale, g)
+    composed = _grads(lambda t, s: lsq_fake_quantize(dorefa_tanh(t), s, None, qmin, qmax, gf), w, scale, g)
+    assert torch.equal(fused[0], composed[0])
+    torch.testing.assert_close(fused[1], composed[1], rtol=0, atol=1e-6)
+    assert fused[2].item() == pytest.approx(composed[2].item(), rel=1e-5)
+
+
+def test_tanh_matches_torch(k):
+    x = torch.linspace(-50, 50, 200_001)
+    t = dorefa_tanh(x)
+    torch.testing.assert_close(t, torch.tanh(x), rtol=0, atol=2.5e-7)
+    assert t.min() == -1 and t.max() == 1
+    assert torch.equal(t, -dorefa_tanh(-x)) or (t + dorefa_tanh(-x)).abs().max() < 2.5e-7
+
+
+def test_quantized_training_is_the_same_with_and_without_kernels(k):
+    """A few LSQ and QAT training steps of the VAE: the fused and the PyTorch paths give the same
+    weights up to float summation order (the step gradients' sums)."""
+    from lowbit.models.vae import VAE, vae_loss
+
+    x = torch.rand(64, 1, 28, 28, generator=_gen(7))
+    for method in ("qat", "lsq", "dorefa"):
+        results = []
+        for use in (True, False):
+            torch.manual_seed(0)
+            m = VAE()
+            opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+            lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method, optimizer=opt)
+            with kernels.disabled() if not use else contextlib.nullcontext():
+                for _ in range(3):
+                    logits, mu, lv = m(x)
+                    loss = vae_loss(logits, x, mu, lv).total
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            results.append(m.state_dict())
+        for name, v in results[0].items():
+            torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
+
+
+# -- the loader --------------------------------------------------------------------------------
+
+
+def test_mode_values(monkeypatch):
+    for raw, want in (("", "auto"), ("AUTO", "auto"), ("0", "0"), ("off", "0"), ("1", "1"), ("true", "1")):
+        monkeypatch.setenv("LOWBIT_KERNELS", raw)
+        assert kernels.mode() == want
+    monkeypatch.setenv("LOWBIT_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="LOWBIT_KERNELS must be auto, 0 or 1"):
+        kernels.mode()
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch, tmp_path):
+    """The loader with nothing loaded, building into a temporary folder; restored afterwards."""
+    monkeypatch.setattr(kernels, "_module", kernels._UNSET)
+    monkeypatch.setenv("LOWBIT_KERNELS_DIR", str(tmp_path / "build"))
+    return tmp_path
+
+
+def test_off_means_the_pytorch_code(fresh_loader, monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    assert kernels.get() is None and not kernels.available()
+
+
+def test_a_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):
+    bad = fresh_loader / "broken.cpp"
+    bad.write_text("#error this is not a kernel\n")
+    monkeypatch.setattr(kernels, "_SOURCE", bad)
+    monkeypatch.setenv("LOWBIT_KERNELS", "auto")
+    with pytest.warns(RuntimeWarning, match="could not be built.*LOWBIT_KERNELS=0"):
+        assert kernels.get() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.get() is None  # decided once: no second warning, no second build
+    # lowbit still quantizes, with the PyTorch code
+    x = torch.randn(100)
+    assert torch.equal(ste_fake_quantize_scalar(x, 0.5, 2.0, -8, 7), fake_quantize(x, torch.tensor(0.5), None, -8, 7))
+
+
+def test_a_failed_build_is_an_error_when_required(fresh_loader, monkeypatch):
+    bad = fresh_loader / "broken.cpp"
+    bad.write_text("#error this is not a kernel\n")
+    monkeypatch.setattr(kernels, "_SOURCE", bad)
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    with pytest.raises(kernels.KernelBuildError, match="LOWBIT_KERNELS=1"):
+        kernels.get()
