@@ -219,3 +219,59 @@ def test_a_failed_build_is_an_error_when_required(fresh_loader, monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNELS", "1")
     with pytest.raises(kernels.KernelBuildError, match="LOWBIT_KERNELS=1"):
         kernels.get()
+
+
+# -- the range quantizers (QAT, PTQ): observation, tracked range, grid and output in one call ----
+
+
+def _range_quantizer(quant_type: str, tracking: str, scheme: str, dtype: str | None, bits: int):
+    from lowbit.config import TensorSpec
+    from lowbit.methods.base import RangeQuantizer
+
+    spec = TensorSpec(quant_type, bits, "per_tensor", scheme, dtype, False)
+    return RangeQuantizer(spec, tracking=tracking, decay=0.9)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "quant_type,tracking",
+    [("weight", "current"), ("input", "ema"), ("input", "minmax")],
+)
+@pytest.mark.parametrize("scheme,dtype", [("affine", None), ("affine", "uint"), ("symmetric", None), ("symmetric", "uint")])
+def test_range_quant_equals_the_python_path(k, quant_type, tracking, scheme, dtype, threads):
+    """Same tracked range, scale, zero point (exact Python numbers) and output, step after step,
+    and the same input gradient, as RangeQuantizer's Python code."""
+    torch.set_num_threads(threads)
+    gen = _gen(threads)
+    fused = _range_quantizer(quant_type, tracking, scheme, dtype, 4)
+    plain = _range_quantizer(quant_type, tracking, scheme, dtype, 4)
+    for step in range(6):
+        shift = 0.5 if dtype == "uint" and quant_type != "weight" else 0.0
+        x = torch.randn(300, 97, generator=gen) * (0.5 + step) + shift  # ranges that move
+        if step == 3:
+            x = x.abs()  # a batch whose range does not straddle 0 (the range is widened to 0)
+        g = torch.randn(x.shape, generator=gen)
+        y1, gx1, _ = _grads(lambda t, _: fused(t), x, None, g)
+        with kernels.disabled():
+            y2, gx2, _ = _grads(lambda t, _: plain(t), x, None, g)
+        assert fused._st[4] == plain._st[4], step
+        assert torch.equal(y1, y2), step
+        assert torch.equal(gx1, gx2), step
+    # the state reaches the buffers the same way
+    assert fused.grid().to_dict() == plain.grid().to_dict()
+    assert [t.item() for t in fused.tracked_range()] == [t.item() for t in plain.tracked_range()]
+
+
+def test_range_quant_edge_cases(k):
+    q = _range_quantizer("weight", "current", "affine", None, 8)
+    zero = torch.zeros(10, 10)
+    assert torch.equal(q(zero), zero)  # a zero range gets the smallest scale, not a division by 0
+    x = torch.randn(64, 48).t()  # non-contiguous
+    with kernels.disabled():
+        want = _range_quantizer("weight", "current", "affine", None, 8)(x)
+    assert torch.equal(q(x), want)
+    nan = torch.tensor([0.5, float("nan"), -1.0])
+    with pytest.raises(ValueError, match="contains NaN: training has diverged"):
+        q(nan)
+    with kernels.disabled(), pytest.raises(ValueError, match="contains NaN: training has diverged"):
+        _range_quantizer("weight", "current", "symmetric", None, 8)(nan)

@@ -51,7 +51,8 @@ def mode() -> str:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # -ffp-contract=off: no fused multiply-add, so the range arithmetic rounds as lowbit's Python does
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
     # vector width from what torch itself dispatches to on this CPU (no -march=native: a cache
     # directory may be shared by machines of different CPUs; the tag below includes this)
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):

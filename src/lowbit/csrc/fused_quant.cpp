@@ -14,6 +14,9 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -254,6 +257,113 @@ struct LSQFn : public Function<LSQFn> {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// range quantizers (QAT, PTQ): observe the tensor's min/max, update the tracked range, compute the
+// grid and quantize, in one call.  The arithmetic mirrors lowbit.methods.base.RangeQuantizer's
+// Python path (_observe_py and fake_quant.affine_qparams_f32) operation by operation: doubles
+// rounded to float32 where that code calls f32(), Python's min/max argument order, round half
+// to even.  This file is compiled with -ffp-contract=off so no multiply-add is fused.
+
+struct MinMax {
+  float lo, hi;
+  bool nan;
+};
+
+MinMax minmax_span(const float* __restrict__ x, int64_t n) {
+  MinMax r{INFINITY, -INFINITY, false};
+  int64_t i = 0;
+#ifdef __AVX2__
+  // (gcc does not vectorise a NaN-exact min/max; AVX's min/max with a separate unordered test)
+  __m256 lo = _mm256_set1_ps(INFINITY), hi = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    lo = _mm256_min_ps(lo, v);
+    hi = _mm256_max_ps(hi, v);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float l8[8], h8[8], b8[8];
+  _mm256_store_ps(l8, lo);
+  _mm256_store_ps(h8, hi);
+  _mm256_store_ps(b8, bad);
+  for (int l = 0; l < 8; ++l) {
+    r.lo = l8[l] < r.lo ? l8[l] : r.lo;
+    r.hi = h8[l] > r.hi ? h8[l] : r.hi;
+    r.nan = r.nan || b8[l] != 0.0f;
+  }
+#endif
+  for (; i < n; ++i) {
+    r.lo = x[i] < r.lo ? x[i] : r.lo;
+    r.hi = x[i] > r.hi ? x[i] : r.hi;
+    r.nan = r.nan || x[i] != x[i];
+  }
+  return r;
+}
+
+MinMax minmax(const Tensor& x) {
+  const float* xp = cfptr(x);
+  MinMax r = at::parallel_reduce(
+      0, x.numel(), kGrain, MinMax{INFINITY, -INFINITY, false},
+      [=](int64_t b, int64_t e, MinMax acc) {
+        MinMax m = minmax_span(xp + b, e - b);
+        return MinMax{m.lo < acc.lo ? m.lo : acc.lo, m.hi > acc.hi ? m.hi : acc.hi, m.nan || acc.nan};
+      },
+      [](MinMax a, MinMax b) { return MinMax{a.lo < b.lo ? a.lo : b.lo, a.hi > b.hi ? a.hi : b.hi, a.nan || b.nan}; });
+  if (r.nan) r.lo = r.hi = NAN;
+  return r;
+}
+
+constexpr const char* kNanMessage =
+    "the tensor to quantize contains NaN: training has diverged (lower the learning rate, or check the input data)";
+
+inline double f32(double v) { return static_cast<double>(static_cast<float>(v)); }
+inline double py_min(double a, double b) { return b < a ? b : a; }  // Python's min(a, b)
+inline double py_max(double a, double b) { return b > a ? b : a; }  // Python's max(a, b)
+constexpr double kMinScaleF32 = static_cast<double>(kMinScale);
+
+enum Tracking : int64_t { kCurrent = 0, kEma = 1, kMinMaxTracking = 2 };
+
+py::tuple range_quant(const Tensor& x_in, bool has_prev, double prev_lo, double prev_hi, int64_t tracking,
+                      double decay, int64_t qmin, int64_t qmax, bool symmetric) {
+  TORCH_CHECK(x_in.numel() > 0, "cannot observe the range of an empty tensor");
+  Tensor x = as_f32(x_in);
+  const MinMax m = minmax(x);
+  TORCH_CHECK_VALUE(!m.nan, kNanMessage);
+  const double lo = m.lo, hi = m.hi;
+  double tmin = lo, tmax = hi;
+  if (has_prev && tracking == kEma) {
+    const double w = 1.0 - decay;
+    tmin = f32(prev_lo + w * (lo - prev_lo));
+    tmax = f32(prev_hi + w * (hi - prev_hi));
+  } else if (has_prev && tracking == kMinMaxTracking) {
+    tmin = py_min(prev_lo, lo);
+    tmax = py_max(prev_hi, hi);
+  }
+  // affine_qparams_f32
+  const double l = py_min(f32(tmin), 0.0), h = py_max(f32(tmax), 0.0);
+  double scale;
+  int64_t zp = 0;
+  if (symmetric) {
+    const double amax = qmin < 0 ? py_max(-l, h) : h;
+    scale = py_max(f32(amax / static_cast<double>(qmax)), kMinScaleF32);
+  } else {
+    scale = py_max(f32(f32(h - l) / static_cast<double>(qmax - qmin)), kMinScaleF32);
+    zp = qmin - static_cast<int64_t>(std::nearbyint(f32(l / scale)));
+    zp = std::min(std::max(zp, qmin), qmax);
+  }
+  const double inv = f32(1.0 / scale);
+  bool clamp = true;
+  if (tracking == kCurrent) {
+    const int64_t zpc = symmetric ? 0 : zp;
+    clamp = static_cast<int64_t>(std::nearbyint(f32(lo * inv))) + zpc < qmin ||
+            static_cast<int64_t>(std::nearbyint(f32(hi * inv))) + zpc > qmax;
+  }
+  const double zq = symmetric ? 0.0 : static_cast<double>(zp);
+  const double lo_c = static_cast<double>(qmin) - zq, hi_c = static_cast<double>(qmax) - zq;
+  // weights (current range): straight-through; activations: clipped straight-through
+  Tensor out = tracking == kCurrent ? STEFn::apply(x, scale, lo_c, hi_c) : ClippedFn::apply(x, scale, lo_c, hi_c);
+  return py::make_tuple(out, tmin, tmax, scale, zp, inv, clamp);
+}
+
 Tensor ste(const Tensor& x, double s, double lo, double hi) { return STEFn::apply(x, s, lo, hi); }
 Tensor clipped(const Tensor& x, double s, double lo, double hi) { return ClippedFn::apply(x, s, lo, hi); }
 Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, double grad_factor, bool tanh_first) {
@@ -279,5 +389,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lo"), py::arg("hi"));
   m.def("lsq", &lsq, "LSQ fake quantization with a learned per-tensor step", py::arg("x"), py::arg("scale"),
         py::arg("qmin"), py::arg("qmax"), py::arg("grad_factor"), py::arg("tanh_first") = false);
+  m.def("range_quant", &range_quant,
+        "observe min/max, update the tracked range, quantize (QAT/PTQ per-tensor); returns "
+        "(x_hat, tmin, tmax, scale, zero_point, inv, clamp)",
+        py::arg("x"), py::arg("has_prev"), py::arg("prev_lo"), py::arg("prev_hi"), py::arg("tracking"),
+        py::arg("decay"), py::arg("qmin"), py::arg("qmax"), py::arg("symmetric"));
   m.def("tanh", &tanh_forward, "tanh (no autograd), the kernels' vectorised form");
 }

@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import QUANT_TYPES, ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (
     AffineGrid,
@@ -275,6 +276,15 @@ def code_range(spec: TensorSpec) -> tuple[int, int]:
     return qrange(spec.range_bits, signed, narrow=signed and spec.scheme == "symmetric")
 
 
+#: the error for a NaN in a tensor whose range is observed (the fused kernel says the same)
+NAN_MESSAGE = (
+    "the tensor to quantize contains NaN: training has diverged (lower the learning rate, or check the input data)"
+)
+
+#: lowbit.kernels' range_quant codes of the trackings it implements (percentile stays in Python)
+_FUSED_TRACKING = {"current": 0, "ema": 1, "minmax": 2}
+
+
 class RangeQuantizer(Quantizer):
     """Min/max-range quantizer on an affine or symmetric integer grid.
 
@@ -336,6 +346,8 @@ class RangeQuantizer(Quantizer):
         #: use the Python-number fast path for per-tensor CPU tensors (False: always the tensor path,
         #: as on a GPU; the tests use it to check both paths agree)
         self.python_fast_path = True
+        #: the fused kernel's code for this tracking (per-tensor only), None where it has none
+        self._fused_tracking = None if self.axis is not None else _FUSED_TRACKING.get(tracking)
 
     @property
     def _initialized(self) -> bool:
@@ -397,6 +409,8 @@ class RangeQuantizer(Quantizer):
             self._observe_tensor(lo_t, hi_t)
 
     def _observe_py(self, lo: float, hi: float) -> None:
+        if lo != lo or hi != hi:
+            raise ValueError(NAN_MESSAGE)
         st = self._st
         py = st[4]
         tracking = self.tracking
@@ -463,6 +477,25 @@ class RangeQuantizer(Quantizer):
                     self.observe(x)
             return x
         current = self.tracking == "current"
+        if (current or self.training) and self._fused_tracking is not None and self.python_fast_path:
+            k = kernels.get() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+            if k is not None:  # observe, update the range, quantize: one C++ call, same numbers
+                py = st[4]
+                has_prev = py is not None
+                out, *state = k.range_quant(
+                    x,
+                    has_prev,
+                    py[0] if has_prev else 0.0,
+                    py[1] if has_prev else 0.0,
+                    self._fused_tracking,
+                    self.decay,
+                    self.qmin,
+                    self.qmax,
+                    self.symmetric,
+                )
+                st[4] = tuple(state)
+                st[0] = st[3] = True
+                return out
         if current or self.training:
             self.observe(x)
         elif not st[0]:
