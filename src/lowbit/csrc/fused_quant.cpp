@@ -57,19 +57,27 @@ inline float code(float x, const Grid& g) {
 inline bool inside(float x, const Grid& g) { return x > g.lo_x && x < g.hi_x; }
 
 // exp for the tanh below: Cody-Waite reduction and Cephes' degree-6 polynomial (about 1 ulp),
-// written so that the compiler vectorises it (torch's CPU build runs tanh unvectorised).
+// written so that the compiler vectorises it (torch's CPU build runs tanh unvectorised).  With
+// FMA hardware the reduction and the polynomial use fused multiply-adds (explicitly: the file is
+// compiled with -ffp-contract=off); without, separate multiplies and adds.
+#ifdef __FMA__
+inline float mul_add(float a, float b, float c) { return std::fma(a, b, c); }
+#else
+inline float mul_add(float a, float b, float c) { return a * b + c; }
+#endif
+
 inline float exp_approx(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = mul_add(n, -0.693359375f, x);
+  r = mul_add(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  p = mul_add(p, r, 1.3981999507e-3f);
+  p = mul_add(p, r, 8.3334519073e-3f);
+  p = mul_add(p, r, 4.1665795894e-2f);
+  p = mul_add(p, r, 1.6666665459e-1f);
+  p = mul_add(p, r, 5.0000001201e-1f);
+  p = mul_add(p, r * r, r) + 1.0f;
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
