@@ -100,7 +100,8 @@ def test_lsq_equals_the_pytorch_code_and_the_paper(k, shape, signed, threads):
         x = x.abs()
     g = torch.randn(shape, generator=gen)
     gf = 1 / math.sqrt(x.numel() * qmax)
-    for raw in (0.05, -0.05, 1e-12):  # a negative step acts by its magnitude; a tiny one is clamped
+    # a negative step acts by its magnitude; a tiny one is clamped; with 1.0 nothing is clipped
+    for raw in (0.05, -0.05, 1e-12, 1.0):
         scale = torch.tensor(raw)
         fused = _grads(lambda t, s: lsq_fake_quantize(t, s, None, qmin, qmax, gf), x, scale, g)
         with kernels.disabled():

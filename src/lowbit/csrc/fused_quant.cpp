@@ -110,29 +110,40 @@ void tanh_mask_span(const float* __restrict__ t, const float* __restrict__ gr, f
   for (int64_t i = 0; i < n; ++i) gx[i] = inside(t[i], g) ? gr[i] * (1.0f - t[i] * t[i]) : 0.0f;
 }
 
-// sum of g * dx_hat/ds * s over a span: g (x_hat - x) inside the range, g x_hat outside
-double step_grad_span(const float* __restrict__ x, const float* __restrict__ gr, int64_t n, const Grid g) {
-  double total = 0.0;
+// over a span: the sum of g * dx_hat/ds * s (g (x_hat - x) inside the range, g x_hat outside)
+// and the number of elements outside the range
+struct StepSum {
+  double sum;
+  int64_t outside;
+};
+
+StepSum step_grad_span(const float* __restrict__ x, const float* __restrict__ gr, int64_t n, const Grid g) {
+  StepSum r{0.0, 0};
   for (int64_t blk = 0; blk < n; blk += 4096) {
     const int64_t end = std::min(n, blk + 4096);
-    float acc[kLanes] = {0};
+    float acc[kLanes] = {0}, out[kLanes] = {0};
     int64_t i = blk;
     for (; i + kLanes <= end; i += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const float v = x[i + l];
         const float q = code(v, g) * g.s;
-        acc[l] += gr[i + l] * (inside(v, g) ? q - v : q);
+        const float in = inside(v, g) ? 1.0f : 0.0f;  // (arithmetic, not branches: it vectorises)
+        acc[l] += gr[i + l] * (q - v * in);
+        out[l] += 1.0f - in;
       }
     }
-    double part = 0.0;
     for (; i < end; ++i) {
       const float q = code(x[i], g) * g.s;
-      part += gr[i] * (inside(x[i], g) ? q - x[i] : q);
+      const bool in = inside(x[i], g);
+      r.sum += gr[i] * (in ? q - x[i] : q);
+      r.outside += !in;
     }
-    for (int l = 0; l < kLanes; ++l) part += acc[l];
-    total += part;
+    for (int l = 0; l < kLanes; ++l) {
+      r.sum += acc[l];
+      r.outside += static_cast<int64_t>(out[l]);
+    }
   }
-  return total;
+  return r;
 }
 
 float* fptr(Tensor& t) { return t.data_ptr<float>(); }
@@ -232,35 +243,49 @@ struct LSQFn : public Function<LSQFn> {
     const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
     Tensor go = grads[0].contiguous();
     const float *vp = cfptr(v), *gp = cfptr(go);
+    const int64_t n = v.numel();
     Tensor gx;
     float* gxp = nullptr;
-    if (want_x) {
+    auto alloc_gx = [&]() {
       gx = torch::empty_like(v);
       gxp = fptr(gx);
-    }
-    const int64_t n = v.numel();
-    auto mask = [=](int64_t b, int64_t e) {
+    };
+    auto mask = [&gxp, vp, gp, g, tanh_first](int64_t b, int64_t e) {
       if (tanh_first)
         tanh_mask_span(vp + b, gp + b, gxp + b, e - b, g);
       else
         mask_span(vp + b, gp + b, gxp + b, e - b, g);
     };
-    double total = 0.0;
+    // One read pass for the step's sum and the count of clipped elements.  LSQ on x: when nothing
+    // is clipped (the usual case for weights) the input gradient is the incoming one, unwritten.
+    // On tanh(x) the input gradient has a factor 1 - t^2 everywhere: written in the same pass.
+    if (want_x && tanh_first) alloc_gx();
+    StepSum total{0.0, 0};
     if (want_s) {
-      total = at::parallel_reduce(0, n, kGrain, 0.0, [=](int64_t b, int64_t e, double acc) {
-        if (gxp != nullptr) mask(b, e);
-        return acc + step_grad_span(vp + b, gp + b, e - b, g);
-      }, std::plus<double>());
-    } else if (want_x) {
-      at::parallel_for(0, n, kGrain, mask);
+      total = at::parallel_reduce(
+          0, n, kGrain, StepSum{0.0, 0},
+          [&](int64_t b, int64_t e, StepSum acc) {
+            if (gxp != nullptr) mask(b, e);
+            const StepSum part = step_grad_span(vp + b, gp + b, e - b, g);
+            return StepSum{acc.sum + part.sum, acc.outside + part.outside};
+          },
+          [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
+    }
+    if (want_x) {
+      if (!tanh_first && want_s && total.outside == 0) {
+        gx = grads[0];
+      } else {
+        if (!tanh_first) alloc_gx();
+        if (!tanh_first || !want_s) at::parallel_for(0, n, kGrain, mask);
+        gx = gx.view(grads[0].sizes());
+      }
     }
     Tensor scale_grad;
     if (want_s) {
       const double factor = ctx->saved_data["factor"].toDouble();
-      scale_grad = torch::full(ctx->saved_data["s_shape"].toIntVector(), static_cast<float>(total) * factor,
+      scale_grad = torch::full(ctx->saved_data["s_shape"].toIntVector(), static_cast<float>(total.sum) * factor,
                                torch::kFloat32);
     }
-    if (want_x) gx = gx.view(grads[0].sizes());
     return {gx, scale_grad, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
