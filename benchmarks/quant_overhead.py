@@ -135,7 +135,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     args = parser.parse_args()
     images = load_images(args.images)
-    print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs")
+    from lowbit import kernels
+
+    state = "on" if kernels.available() else "off (LOWBIT_KERNELS=0 or no compiler): the PyTorch code"
+    print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs, fused kernels {state}")
     for t in args.threads:
         run(t, images, args.reps, args.chunks)
 

@@ -1,7 +1,8 @@
 """Per-quantizer cost: forward + backward of each method's weight quantizer on the VAE's largest
 weight (400 x 784), and of the activation quantizers on a batch of fc1's input (128 x 784), plus
-the two ways of computing DoReFa's tanh.  Microseconds per call, median of ``--reps`` rounds of
-``--calls`` calls, measured in one process; 1 thread by default.
+DoReFa's tanh — each with lowbit's fused CPU kernels (``lowbit.kernels``) and with its PyTorch
+code (the fallback where the kernels cannot be built), side by side.  Microseconds per call,
+median of ``--reps`` rounds of ``--calls`` calls, measured in one process; 1 thread by default.
 
     python benchmarks/quantizer_kernels.py
     python benchmarks/quantizer_kernels.py --threads 2
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit import kernels
 from lowbit.methods.dorefa import tanh as lowbit_tanh
 
 
@@ -35,25 +37,18 @@ def per_call_us(fn, calls: int, reps: int) -> float:
     return statistics.median(rounds)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--calls", type=int, default=100)
-    ap.add_argument("--reps", type=int, default=5)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+W = (torch.randn(400, 784, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_()
+G = torch.randn(400, 784, generator=torch.Generator().manual_seed(1))
+
+
+def measure(calls: int, reps: int) -> dict[str, float]:
+    """The per-call times of DoReFa's tanh and of every method's weight and input quantizer."""
     timings: dict[str, float] = {}
-
-    w = (torch.randn(400, 784) * 0.05).requires_grad_()
-    g = torch.randn(400, 784)
-    timings["torch.tanh, forward"] = per_call_us(lambda: torch.tanh(w.detach()), args.calls, args.reps)
-    timings["lowbit tanh (exp form), forward"] = per_call_us(lambda: lowbit_tanh(w.detach()), args.calls, args.reps)
-    timings["torch.tanh, forward + backward"] = per_call_us(lambda: torch.tanh(w).backward(g), args.calls, args.reps)
-    timings["lowbit tanh, forward + backward"] = per_call_us(lambda: lowbit_tanh(w).backward(g), args.calls, args.reps)
-
-    x = torch.rand(128, 784)
+    timings["lowbit tanh, forward"] = per_call_us(lambda: lowbit_tanh(W.detach()), calls, reps)
+    timings["lowbit tanh, forward + backward"] = per_call_us(lambda: lowbit_tanh(W).backward(G), calls, reps)
+    x = torch.rand(128, 784, generator=torch.Generator().manual_seed(2))
     for method in ("qat", "ptq", "lsq", "dorefa"):
+        torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(784, 400))
         lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method)
         layer = m[0]
@@ -63,14 +58,37 @@ def main() -> None:
             layer(x)  # first batch: initialises activation ranges / steps
         wq, iq = layer.weight_quantizer, layer.input_quantizer
         timings[f"{method} weight quantizer, fwd + bwd"] = per_call_us(
-            lambda: wq(layer.module.weight).backward(g), args.calls, args.reps)
+            lambda: wq(layer.module.weight).backward(G), calls, reps)
         xg = x.clone().requires_grad_()
         gx = torch.randn_like(x)
-        timings[f"{method} input quantizer, fwd + bwd"] = per_call_us(lambda: iq(xg).backward(gx), args.calls, args.reps)
+        timings[f"{method} input quantizer, fwd + bwd"] = per_call_us(lambda: iq(xg).backward(gx), calls, reps)
+    return timings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    fused = measure(args.calls, args.reps)
+    with kernels.disabled():
+        plain = measure(args.calls, args.reps)
+    plain["torch.tanh, forward"] = per_call_us(lambda: torch.tanh(W.detach()), args.calls, args.reps)
+    plain["torch.tanh, forward + backward"] = per_call_us(lambda: torch.tanh(W).backward(G), args.calls, args.reps)
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), microseconds per call (median of {args.reps})")
-    for name, us in timings.items():
-        print(f"{name:<40} {us:9.0f}")
+    if not kernels.available():
+        print("(the fused kernels are not available here: LOWBIT_KERNELS=0 or they did not build)")
+    print(f"{'':<40} {'PyTorch':>9} {'fused':>9} {'ratio':>7}")
+    for name in plain:
+        a, b = plain[name], fused.get(name)
+        if b is None or not kernels.available():
+            print(f"{name:<40} {a:9.0f}")
+        else:
+            print(f"{name:<40} {a:9.0f} {b:9.0f} {a / b:7.2f}")
 
 
 if __name__ == "__main__":
