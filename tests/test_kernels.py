@@ -195,7 +195,9 @@ def fresh_loader(monkeypatch, tmp_path):
 
 def test_off_means_the_pytorch_code(fresh_loader, monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNELS", "0")
+    assert kernels.in_use() is None  # nothing asked yet: nothing built
     assert kernels.get() is None and not kernels.available()
+    assert kernels.in_use() is False
 
 
 def test_a_failed_build_warns_once_and_falls_back(fresh_loader, monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, kernels
 from .checkpoint import load_optimizer, load_state, save_optimizer, save_run, write_json
 from .models import build_model
 from .train import EvalResult, evaluate, fit, make_optimizer, time_eval
@@ -96,6 +96,9 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "gpu": gpu,
+        # whether lowbit's fused CPU kernels ran (None: no quantizer asked) or its PyTorch code
+        # (same values; step gradients summed in another order)
+        "fused_kernels": kernels.in_use(),
     }
 
 

@@ -30,7 +30,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["get", "available", "disabled", "KernelBuildError", "mode"]
+__all__ = ["get", "available", "in_use", "disabled", "KernelBuildError", "mode"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "fused_quant.cpp"
 _UNSET = object()
@@ -131,6 +131,12 @@ def get() -> ModuleType | None:
                 )
                 _module = None
     return _module  # type: ignore[return-value]
+
+
+def in_use() -> bool | None:
+    """Whether the kernels have run in this process: ``True`` (loaded), ``False`` (off or not
+    buildable), ``None`` (no quantizer has asked yet) — without building them."""
+    return None if _module is _UNSET else _module is not None
 
 
 def available() -> bool:
