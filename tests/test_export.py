@@ -17,6 +17,7 @@ import lowbit
 from lowbit.export import ExportError, eps_path, export_run
 from lowbit.export import onnx as lo
 from lowbit.export import runtime as rt
+from lowbit.quantize import quantized_layers
 from lowbit.models.vae import VAE, eval_eps, vae_loss
 
 FLOAT_GEMMS = {"Gemm", "MatMul", "FusedGemm", "FusedMatMul", "Conv", "FusedConv"}
@@ -47,6 +48,29 @@ def _vae(bits_in=8, bits_w=8, method="ptq", seed=0, **opts) -> VAE:
 def _sim(model: VAE, x: torch.Tensor, eps: torch.Tensor):
     with torch.no_grad():
         return [t.numpy() for t in model(x, eps)]
+
+
+def _division_tie_samples(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> set[int]:
+    """Samples in which some quantized input has an element whose code differs between lowbit's
+    ``round(x * float32(1/scale))`` and ONNX QuantizeLinear's ``round(x / scale)`` (a value within
+    the last bit of a rounding tie, docs/QUANTIZERS.md): there the two may legitimately differ."""
+    rows: set[int] = set()
+
+    def hook(mod, args):
+        g = mod.input_quantizer.grid()
+        v = args[0].detach().reshape(args[0].shape[0], -1)
+        mul = torch.clamp(torch.round(v * torch.reciprocal(g.scale)) + g.zero_point, g.qmin, g.qmax)
+        div = torch.clamp(torch.round(v / g.scale) + g.zero_point, g.qmin, g.qmax)
+        rows.update(torch.nonzero((mul != div).any(dim=1)).flatten().tolist())
+
+    handles = [m.register_forward_pre_hook(hook) for m in quantized_layers(model).values()
+               if m.input_quantizer is not None]
+    try:
+        _sim(model, x, eps)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
 
 
 def _loss(outs, x) -> float:
@@ -124,11 +148,15 @@ def test_int8_parity_with_simulation(tmp_path, method, opts):
     assert abs(_loss(out, xt) - _loss(sim, xt)) < 0.01
     assert abs(rt.vae_test_loss(sess, xt.numpy(), eps.numpy()) - _loss(sim, xt)) < 0.01
     # with the bias in float (no int32 rounding) every output element is the simulation's, up to
-    # float32 summation order
+    # float32 summation order — except in samples where an input code sits on a rounding tie that
+    # division and multiplication by the reciprocal break differently (rare: at most 1%)
     path = lowbit.export(m, tmp_path / "vae_fb.onnx", vae_graph="eps", bias="float")
     out = rt.load_session(path, precision="exact").run(xt.numpy(), eps.numpy())
+    ties = _division_tie_samples(m, xt, eps)
+    assert len(ties) <= 3, ties
+    keep = np.array([i not in ties for i in range(len(xt))])
     for a, b in zip(out, sim):
-        assert np.isclose(a, b, atol=1e-3, rtol=1e-4).mean() > 0.999
+        assert np.isclose(a[keep], b[keep], atol=1e-3, rtol=1e-4).mean() > 0.9999
 
 
 def test_signed_and_narrow_activation_grids_and_output_quantizer(tmp_path):
