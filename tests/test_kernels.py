@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lowbit
+from helpers import train_vae
 from lowbit import kernels
 from lowbit.fake_quant import (
     clipped_fake_quantize_scalar,
@@ -151,9 +152,8 @@ def test_tanh_matches_torch(k):
 def test_quantized_training_is_the_same_with_and_without_kernels(k):
     """A few LSQ and QAT training steps of the VAE: the fused and the PyTorch paths give the same
     weights up to float summation order (the step gradients' sums)."""
-    from lowbit.models.vae import VAE, vae_loss
+    from lowbit.models.vae import VAE
 
-    x = torch.rand(64, 1, 28, 28, generator=_gen(7))
     for method in ("qat", "lsq", "dorefa"):
         results = []
         for use in (True, False):
@@ -162,12 +162,7 @@ def test_quantized_training_is_the_same_with_and_without_kernels(k):
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method, optimizer=opt)
             with kernels.disabled() if not use else contextlib.nullcontext():
-                for _ in range(3):
-                    logits, mu, lv = m(x)
-                    loss = vae_loss(logits, x, mu, lv).total
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                train_vae(m, opt, steps=3, seed=7, batch=64)
             results.append(m.state_dict())
         for name, v in results[0].items():
             torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")

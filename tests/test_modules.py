@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowbit
+from helpers import train_vae
 from lowbit.fake_quant import AffineGrid
 from lowbit.methods import NotCalibratedError, Quantizer
-from lowbit.models.vae import VAE, vae_loss
+from lowbit.models.vae import VAE
 from lowbit.modules import QuantWrapper
 
 STUDY = ["fc1", "fc21", "fc22", "fc3"]
@@ -38,16 +39,7 @@ class SmallConv(nn.Module):
 
 
 def train_steps(model, steps=3, seed=0, batch=32):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    model.train()
-    for _ in range(steps):
-        x = torch.rand(batch, 784, generator=g)
-        logits, mu, logvar = model(x)
-        loss = vae_loss(logits, x, mu, logvar).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_vae(model, steps=steps, seed=seed, batch=batch)
     return model
 
 

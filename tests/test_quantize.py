@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.models.vae import VAE, vae_loss
+from helpers import train_vae
+from lowbit.models.vae import VAE
 from lowbit.modules import QuantWrapper
 from lowbit.quantize import quantized_layers
 
@@ -25,19 +26,7 @@ def cfg(types=("weight", "input"), bits=8, layers=STUDY, **extra):
 
 
 def train(model, opt=None, steps=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    opt = opt or torch.optim.Adam(model.parameters(), 1e-3)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        x = torch.rand(32, 784, generator=g)
-        logits, mu, logvar = model(x)
-        loss = vae_loss(logits, x, mu, logvar).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train_vae(model, opt, steps, seed)
 
 
 def float_copy(model: VAE) -> VAE:
