@@ -273,3 +273,23 @@ def test_range_quant_edge_cases(k):
         q(nan)
     with kernels.disabled(), pytest.raises(ValueError, match="contains NaN: training has diverged"):
         _range_quantizer("weight", "current", "symmetric", None, 8)(nan)
+
+
+def test_a_stale_build_lock_is_removed(fresh_loader, monkeypatch):
+    """A build killed hard leaves PyTorch's lock file, on which every later build would wait
+    forever: one older than STALE_LOCK_SECONDS is removed (here the build then fails fast)."""
+    import os
+    import time
+
+    bad = fresh_loader / "broken.cpp"
+    bad.write_text("#error this is not a kernel\n")
+    monkeypatch.setattr(kernels, "_SOURCE", bad)
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    build = kernels._build_dir(kernels._extension_name(kernels._flags()))
+    lock = build / "lock"
+    lock.write_text("")
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(kernels.KernelBuildError):
+        kernels.get()
+    assert not lock.exists()

@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,17 +86,40 @@ def _ninja_on_path() -> None:
             return
 
 
-def _load() -> ModuleType:
-    from torch.utils import cpp_extension
-
-    flags = _flags()
+def _extension_name(flags: list[str]) -> str:
+    """A name per source, flags, torch and Python: a change of any of them builds anew."""
     key = hashlib.sha256()
     key.update(_SOURCE.read_bytes())
     key.update(" ".join(flags).encode())
     key.update(torch.__version__.encode())
     key.update(sys.version.encode())
-    name = f"lowbit_fused_{key.hexdigest()[:12]}"
+    return f"lowbit_fused_{key.hexdigest()[:12]}"
+
+
+#: a build lock older than this is left over from a killed build (a build takes about 40 s)
+STALE_LOCK_SECONDS = 300
+
+
+def _clear_stale_lock(build: Path) -> None:
+    """PyTorch's builder waits as long as its lock file exists; a build killed hard (SIGKILL, power
+    loss) leaves it behind, and every later process would wait forever."""
+    lock = build / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"lowbit: removing a stale build lock ({lock}, {age:.0f} s old)", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+
+
+def _load() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    flags = _flags()
+    name = _extension_name(flags)
     build = _build_dir(name)
+    _clear_stale_lock(build)
     if not any(build.glob(f"{name}*.so")):
         print("lowbit: compiling the fused CPU quantization kernels (once, about 40 s)...", file=sys.stderr, flush=True)
     _ninja_on_path()
