@@ -293,3 +293,22 @@ def test_a_stale_build_lock_is_removed(fresh_loader, monkeypatch):
     with pytest.raises(kernels.KernelBuildError):
         kernels.get()
     assert not lock.exists()
+
+
+def test_the_build_compiles_a_copy_in_its_own_folder(fresh_loader, monkeypatch):
+    """The build rules name the source's path: compiling each checkout's own file would rebuild
+    whenever another checkout or venv loads the kernels; the copy in the build folder is stable."""
+    from torch.utils import cpp_extension
+
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv("LOWBIT_KERNELS", "1")
+    assert kernels.get() == "module"
+    (src,) = seen["sources"]
+    assert src.startswith(seen["build_directory"])
+    assert open(src, "rb").read() == kernels._SOURCE.read_bytes()

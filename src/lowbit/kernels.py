@@ -120,12 +120,20 @@ def _load() -> ModuleType:
     name = _extension_name(flags)
     build = _build_dir(name)
     _clear_stale_lock(build)
+    # compile a copy kept in the build folder: the build rules name the source's path, so building
+    # from each checkout's own file would rebuild whenever another checkout (or venv) loads it
+    source = build / "fused_quant.cpp"
+    text = _SOURCE.read_bytes()
+    if not source.exists() or source.read_bytes() != text:
+        tmp = source.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(text)
+        os.replace(tmp, source)
     if not any(build.glob(f"{name}*.so")):
         print("lowbit: compiling the fused CPU quantization kernels (once, about 40 s)...", file=sys.stderr, flush=True)
     _ninja_on_path()
     return cpp_extension.load(
         name=name,
-        sources=[str(_SOURCE)],
+        sources=[str(source)],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build),
