@@ -165,6 +165,7 @@ def run_experiment(
         from .quantize import quantize
 
         quantize(model, spec.config_list, method=spec.method, optimizer=optimizer, **spec.options)
+        kernels.get()  # build the fused kernels now (once per machine), not inside the first timed epoch
     train = None
     if spec.method == "ptq":
         _calibrate(model, train_images, spec)
