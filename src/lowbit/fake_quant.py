@@ -9,9 +9,11 @@ grid ``(scale, zero_point, qmin, qmax)`` exactly as PyTorch's fake-quant kernels
 so :func:`fake_quantize` is bit for bit ``torch.fake_quantize_per_tensor_affine`` /
 ``_per_channel_affine`` (the tests check it); ONNX ``QuantizeLinear`` divides by the scale instead,
 which can differ in the last bit of ``x / scale``.  lowbit computes it with four vectorised
-elementwise passes rather than with the fused kernel: on the CPU build of torch 2.13 the fused
-kernels run at about 7 ns per element, six times slower than the composite (see
-``docs/QUANTIZERS.md``).  The fused kernels stay the reference the tests compare against.
+elementwise passes rather than with PyTorch's fused kernel: on the CPU build of torch 2.13 that
+kernel runs at about 7 ns per element, six times slower than the composite (see
+``docs/QUANTIZERS.md``); it stays the reference the tests compare against.  Per-tensor float32
+quantizers on the CPU go to lowbit's own fused kernels (:mod:`lowbit.kernels`) when they are
+built: the same values, one pass each way.
 
 The functions here give each method its gradient:
 

@@ -308,7 +308,9 @@ class RangeQuantizer(Quantizer):
     :meth:`grid`, :meth:`tracked_range`, ``state_dict()`` or a switch to the tensor path — which
     saves a dozen tiny tensor operations per call.  Read the state through those, not by peeking
     at the buffers mid-training.  Elsewhere (per-channel, GPU) everything stays in tensors with no
-    host synchronisation.
+    host synchronisation.  With lowbit's fused kernels (:mod:`lowbit.kernels`), a per-tensor
+    float32 CPU call with ``current``, ``ema`` or ``minmax`` tracking observes, updates the range and
+    quantizes in one C++ call that computes the same Python numbers.
     """
 
     def __init__(

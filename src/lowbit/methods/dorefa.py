@@ -82,8 +82,10 @@ class _Tanh(torch.autograd.Function):
 def tanh(x: Tensor) -> Tensor:
     """DoReFa's ``tanh``.  On the CPU, for float32, computed as ``1 - 2 / (exp(2x) + 1)``: torch
     2.13's CPU wheel runs ``torch.tanh`` unvectorised, about twice as slow as ``exp`` plus four
-    in-place passes (``python benchmarks/quantizer_kernels.py``); the values agree with
-    ``torch.tanh`` within 2e-7 absolute (tested) and the gradient is tanh's own, ``g (1 - t^2)``."""
+    in-place passes, and lowbit's fused kernel (:mod:`lowbit.kernels`, its own vectorised exp) is
+    twice as fast again (``python benchmarks/quantizer_kernels.py``); the values agree with
+    ``torch.tanh`` within 2.5e-7 absolute (tested) and the gradient is tanh's own,
+    ``g (1 - t^2)``."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return torch.tanh(x)
     if x.requires_grad and torch.is_grad_enabled():
