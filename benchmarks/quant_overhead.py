@@ -11,8 +11,10 @@ batches of 128 with ``index_select``, the VAE loss, ``zero_grad(set_to_none=True
 step.  Every epoch is cut into ``--chunks`` consecutive slices and the variants take turns slice
 by slice (alternating order), so drifting load on a shared machine hits all of them alike; an
 epoch's time is the sum of its slices.  The figure is the median epoch time over ``--reps``
-epochs, divided by fp32's median.  Run at 1 thread and at 2 threads.  Target: <= 1.15 for every
-method.
+epochs, divided by fp32's median; "paired" is the median over all slices of the slice's time
+divided by fp32's time for the same slice (adjacent in time, so slow drifts of a shared machine's
+load cancel), with its interquartile range.  Run at 1 thread and at 2 threads.  Target: <= 1.15
+for every method.
 
 One more fp32 row, ``fp32 + fc1 input grad``, computes the gradient with respect to the model's
 input (the images), which fp32 training never needs: it is the floor for any method that learns
@@ -108,22 +110,29 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
     for model, opt in variants.values():  # warm-up, and the first-batch initialisation
         slice_seconds(model, opt, warm, 0, min(10, steps))
     times: dict[str, list[float]] = {k: [0.0] * reps for k in variants}
+    slices: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(reps):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(r))
         for c in range(chunks):
             for name in names if (r * chunks + c) % 2 == 0 else reversed(names):
                 model, opt = variants[name]
-                times[name][r] += slice_seconds(model, opt, perm, cuts[c], cuts[c + 1])
+                t = slice_seconds(model, opt, perm, cuts[c], cuts[c + 1])
+                times[name][r] += t
+                slices[name].append(t)
     base = statistics.median(times["fp32"])
     print(f"\n{threads} thread(s), {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
-    print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8}")
+    print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8} {'paired':>8} {'IQR':>13}")
     ratios = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         ratios[name] = med / base
+        # the same slice of the same epoch, run minutes apart at most: drift of the machine's load
+        # cancels in these ratios; their median and interquartile range
+        paired = [a / b for a, b in zip(slices[name], slices["fp32"])]
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
         flag = "" if name.startswith("fp32") or med / base <= 1.15 else "  > 1.15"
-        print(f"{name:<24} {med:9.3f} {med / base:8.3f}{flag}")
+        print(f"{name:<24} {med:9.3f} {med / base:8.3f} {q[1]:8.3f} {q[0]:6.3f}-{q[2]:.3f}{flag}")
     return ratios
 
 
