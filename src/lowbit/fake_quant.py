@@ -50,6 +50,7 @@ __all__ = [
     "affine_qparams_f32",
     "f32",
     "fake_quantize",
+    "fusable",
     "quantize_codes",
     "ste_fake_quantize",
     "clipped_fake_quantize",
@@ -386,15 +387,16 @@ def lsq_fake_quantize(
     only for ``v`` within half a step beyond either end, which it counts as inside.
     Per-tensor, without offset, float32 on the CPU: the fused kernel (:mod:`lowbit.kernels`).
     """
-    if axis is None and zero_point is None and _fusable(x) and _fusable(scale) and scale.numel() == 1:
+    if axis is None and zero_point is None and fusable(x) and fusable(scale) and scale.numel() == 1:
         k = kernels.get()
         if k is not None:
             return k.lsq(x, scale, qmin, qmax, grad_factor, False)
     return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis)
 
 
-def _fusable(t: Tensor) -> bool:
-    """Whether the fused CPU kernels take this tensor (float32 on the CPU)."""
+def fusable(t: Tensor) -> bool:
+    """Whether lowbit's fused CPU kernels take this tensor (float32 on the CPU); where they do,
+    DoReFa's tanh is lowbit's exp form too."""
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
@@ -477,7 +479,7 @@ def ste_fake_quantize_scalar(
     ``hi = qmax - zp``.  Same values as :func:`fake_quantize` (and the fused kernel).
     ``clamp=False`` skips the clamp when the caller knows no code can leave ``[lo, hi]``.
     float32 CPU tensors take the fused kernel (:mod:`lowbit.kernels`), which always clamps."""
-    if _fusable(x):
+    if fusable(x):
         k = kernels.get()
         if k is not None:
             return k.ste(x, s, lo, hi)
@@ -503,7 +505,7 @@ def clipped_fake_quantize_scalar(x: Tensor, s: float, inv: float, lo: float, hi:
     the range, 0 outside), then rounded in place — values exactly :func:`fake_quantize`'s, since
     ``round(f32(hi s) * inv)`` is ``hi`` for any grid of up to 16 bits.  float32 CPU tensors take
     the fused kernel (:mod:`lowbit.kernels`), same values and gradient."""
-    if _fusable(x):
+    if fusable(x):
         k = kernels.get()
         if k is not None:
             return k.clipped(x, s, lo, hi)

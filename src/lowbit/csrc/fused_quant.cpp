@@ -48,6 +48,18 @@ Grid make_grid(double s, double lo, double hi) {
   return g;
 }
 
+// a Function's grid, kept for its backward pass
+void save_grid(AutogradContext* ctx, double s, double lo, double hi) {
+  ctx->saved_data["s"] = s;
+  ctx->saved_data["lo"] = lo;
+  ctx->saved_data["hi"] = hi;
+}
+
+Grid saved_grid(AutogradContext* ctx) {
+  return make_grid(ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
+                   ctx->saved_data["hi"].toDouble());
+}
+
 inline float code(float x, const Grid& g) {
   float v = std::nearbyint(x * g.inv);  // round half to even (default rounding mode)
   v = v < g.lo ? g.lo : v;              // NaN passes through, as torch.clamp
@@ -89,6 +101,10 @@ inline float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) +
 // the loops, with restrict pointers and the grid by value so that they vectorise
 void quantize_span(const float* __restrict__ x, float* __restrict__ out, int64_t n, const Grid g) {
   for (int64_t i = 0; i < n; ++i) out[i] = code(x[i], g) * g.s;
+}
+
+void tanh_span(const float* __restrict__ x, float* __restrict__ t, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) t[i] = tanh_approx(x[i]);
 }
 
 void tanh_quantize_span(const float* __restrict__ x, float* __restrict__ t, float* __restrict__ out, int64_t n,
@@ -178,15 +194,13 @@ struct STEFn : public Function<STEFn> {
 struct ClippedFn : public Function<ClippedFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, double s, double lo, double hi) {
     Tensor x = as_f32(x_in);
-    ctx->saved_data["s"] = s;
-    ctx->saved_data["lo"] = lo;
-    ctx->saved_data["hi"] = hi;
+    save_grid(ctx, s, lo, hi);
     ctx->save_for_backward({x});
     return fq_forward(x, make_grid(s, lo, hi));
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     Tensor x = ctx->get_saved_variables()[0];
-    Grid g = make_grid(ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(), ctx->saved_data["hi"].toDouble());
+    const Grid g = saved_grid(ctx);
     Tensor go = grads[0].contiguous();
     Tensor gx = torch::empty_like(x);
     const float *xp = cfptr(x), *gp = cfptr(go);
@@ -225,9 +239,7 @@ struct LSQFn : public Function<LSQFn> {
     } else {
       at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(xp + b, op + b, e - b, g); });
     }
-    ctx->saved_data["s"] = static_cast<double>(g.s);
-    ctx->saved_data["lo"] = static_cast<double>(qmin);
-    ctx->saved_data["hi"] = static_cast<double>(qmax);
+    save_grid(ctx, static_cast<double>(g.s), static_cast<double>(qmin), static_cast<double>(qmax));
     ctx->saved_data["factor"] = grad_factor * sign / static_cast<double>(g.s);
     ctx->saved_data["tanh"] = tanh_first;
     ctx->saved_data["s_shape"] = scale.sizes().vec();
@@ -237,8 +249,7 @@ struct LSQFn : public Function<LSQFn> {
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     Tensor v = ctx->get_saved_variables()[0];  // x, or tanh(x)
-    const Grid g = make_grid(ctx->saved_data["s"].toDouble(), ctx->saved_data["lo"].toDouble(),
-                             ctx->saved_data["hi"].toDouble());
+    const Grid g = saved_grid(ctx);
     const bool tanh_first = ctx->saved_data["tanh"].toBool();
     const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
     Tensor go = grads[0].contiguous();
@@ -407,9 +418,7 @@ Tensor tanh_forward(const Tensor& x_in) {
   Tensor out = torch::empty_like(x);
   const float* xp = cfptr(x);
   float* op = fptr(out);
-  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) op[i] = tanh_approx(xp[i]);
-  });
+  at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { tanh_span(xp + b, op + b, e - b); });
   return out;
 }
 

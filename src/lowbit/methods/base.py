@@ -30,6 +30,7 @@ from ..fake_quant import (
     affine_qparams,
     affine_qparams_f32,
     f32,
+    fusable,
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     qrange,
@@ -480,7 +481,7 @@ class RangeQuantizer(Quantizer):
             return x
         current = self.tracking == "current"
         if (current or self.training) and self._fused_tracking is not None and self.python_fast_path:
-            k = kernels.get() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+            k = kernels.get() if fusable(x) else None
             if k is not None:  # observe, update the range, quantize: one C++ call, same numbers
                 py = st[4]
                 has_prev = py is not None

@@ -52,6 +52,7 @@ from ..fake_quant import (
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     f32,
+    fusable,
     lsq_fake_quantize,
     qrange,
     quantize_gradient,
@@ -86,7 +87,7 @@ def tanh(x: Tensor) -> Tensor:
     twice as fast again (``python benchmarks/quantizer_kernels.py``); the values agree with
     ``torch.tanh`` within 2.5e-7 absolute (tested) and the gradient is tanh's own,
     ``g (1 - t^2)``."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if not fusable(x):
         return torch.tanh(x)
     if x.requires_grad and torch.is_grad_enabled():
         return _Tanh.apply(x)
@@ -187,7 +188,7 @@ class DoReFaWeightQuantizer(Quantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if self.learned:
-            k = kernels.get() if w.dtype == torch.float32 and w.device.type == "cpu" else None
+            k = kernels.get() if fusable(w) else None
             if k is not None:  # tanh and the learned clip in one pass each way
                 return k.lsq(w, self.scale, self.qmin, self.qmax, self._grad_factor, True)
             return lsq_fake_quantize(tanh(w), self.scale, None, self.qmin, self.qmax, self._grad_factor)
