@@ -81,9 +81,12 @@ def test_non_contiguous_input(k):
 
 
 def _paper_step_grad(x: torch.Tensor, s: float, qmin: int, qmax: int, g: torch.Tensor, gf: float) -> float:
-    """Esser et al. 2020, eq. 3, in float64: d x_hat / d s = -Qn, Qp outside, round(v) - v inside."""
+    """Esser et al. 2020, eq. 3, in float64: d x_hat / d s = -Qn, Qp outside, round(v) - v inside.
+    "Inside" as lowbit decides it, ``float32(qmin s) < x < float32(qmax s)``: the paper's
+    ``qmin < x / s < qmax`` but for a value within float32 rounding of a range end (e.g. a pixel
+    of exactly 1.0 with a step of float32(1/255): the range ends at 1.00000006, rounded to 1.0)."""
     v = x.double() / s
-    inside = (v > qmin) & (v < qmax)
+    inside = (x > f32(qmin * s)) & (x < f32(qmax * s))
     code = torch.clamp(torch.round(x * f32(1 / s)), qmin, qmax).double()  # float32 x * (1/s), as the grid
     d = torch.where(inside, code - v, code)
     return float((g.double() * d).sum() * gf)
@@ -166,6 +169,121 @@ def test_quantized_training_is_the_same_with_and_without_kernels(k):
             results.append(m.state_dict())
         for name, v in results[0].items():
             torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
+
+
+# -- LSQ input fused with its Linear layer (a model's first layer) -----------------------------
+
+
+def _sparse_images(rows: int, n: int, seed: int, density: float = 0.2) -> torch.Tensor:
+    """MNIST-like inputs: mostly exact zeros, the rest on a 1/255 grid (as the pixels are)."""
+    gen = _gen(seed)
+    keep = torch.rand(rows, n, generator=gen) < density
+    return torch.where(keep, torch.randint(1, 256, (rows, n), generator=gen) / 255.0, torch.zeros(()))
+
+
+def _linear_grads(fn, x, scale, w, b, g, x_grad: bool):
+    x = x.detach().clone().requires_grad_(x_grad)
+    s, w, b = (t.detach().clone().requires_grad_() if t is not None else None for t in (scale, w, b))
+    y = fn(x, s, w, b)
+    y.backward(g)
+    return y.detach(), x.grad, s.grad, w.grad, None if b is None else b.grad
+
+
+def _lsq_then_linear(qmin, qmax, gf):
+    return lambda x, s, w, b: torch.nn.functional.linear(lsq_fake_quantize(x, s, None, qmin, qmax, gf), w, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows,n,out", [(128, 784, 400), (5, 30, 37), (64, 96, 130), (1, 8, 8), (33, 17, 3)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_lsq_linear_equals_lsq_then_linear(k, rows, n, out, signed, threads):
+    """Forward and weight/bias gradients bit for bit; the step gradient (sparse: only nonzero
+    x_hat - x) equals the paper's float64 sum; with x's gradient asked, everything bit for bit."""
+    torch.set_num_threads(threads)
+    gen = _gen(rows + n + out)
+    qmin, qmax = qrange(8, signed)
+    x = _sparse_images(rows, n, seed=rows + signed)
+    if signed:
+        x = x * torch.where(torch.rand(rows, n, generator=gen) < 0.5, -1.0, 1.0)
+    w = torch.randn(out, n, generator=gen) * 0.05
+    b = torch.randn(out, generator=gen) * 0.1
+    g = torch.randn(rows, out, generator=gen)
+    gf = 1 / math.sqrt(n * qmax)
+    for raw in (0.0041, 1 / 255, -0.002, 1e-4):  # 1e-4: most pixels clipped at qmax
+        scale = torch.tensor(raw)
+        ref = _linear_grads(_lsq_then_linear(qmin, qmax, gf), x, scale, w, b, g, False)
+        fused = _linear_grads(lambda x, s, w, b: k.lsq_linear(x, s, w, b, qmin, qmax, gf), x, scale, w, b, g, False)
+        assert torch.equal(fused[0], ref[0]) and fused[1] is None
+        assert torch.equal(fused[3], ref[3]) and torch.equal(fused[4], ref[4])
+        step = max(f32(abs(raw)), f32(1e-8))
+        gxh = g.double() @ w.double()  # dL/dx_hat, in float64
+        want = _paper_step_grad(x, step, qmin, qmax, gxh, gf) * (-1 if raw < 0 else 1)
+        # float32 x_hat - x is exact to about 2^-24 |x| (with s = 1/255 every d is that small and
+        # the sum nearly cancels), whence the absolute tolerance
+        tol = 2.0**-22 * gf * float((gxh.abs() * x.double().abs()).sum()) / step
+        assert fused[2].item() == pytest.approx(want, rel=1e-5, abs=tol)
+        assert fused[2].item() == pytest.approx(ref[2].item(), rel=1e-5, abs=tol)
+        # x's gradient asked for: the dense product, the unfused path's values exactly
+        ref = _linear_grads(_lsq_then_linear(qmin, qmax, gf), x, scale, w, b, g, True)
+        fused = _linear_grads(lambda x, s, w, b: k.lsq_linear(x, s, w, b, qmin, qmax, gf), x, scale, w, b, g, True)
+        for a, r in zip(fused, ref):
+            assert torch.equal(a, r)
+
+
+def test_lsq_linear_dense_inputs_take_the_dense_product(k):
+    """Above half nonzero, the step gradient is the unfused path's, bit for bit; no bias works."""
+    gen = _gen(11)
+    x, w, g = torch.rand(64, 200, generator=gen), torch.randn(50, 200, generator=gen), torch.randn(64, 50, generator=gen)
+    scale = torch.tensor(0.01)
+    ref = _linear_grads(_lsq_then_linear(0, 255, 0.01), x, scale, w, None, g, False)
+    fused = _linear_grads(lambda x, s, w, b: k.lsq_linear(x, s, w, b, 0, 255, 0.01), x, scale, w, None, g, False)
+    for a, r in zip(fused, ref):
+        assert (a is None and r is None) or torch.equal(a, r)
+
+
+def test_the_wrapper_fuses_only_a_first_layer_lsq_input(k, monkeypatch):
+    """In a quantized VAE only fc1 (fed with data) takes the fused call; a 3-D input works and the
+    model trains the same as with the unfused path (up to the step sums' order)."""
+    from lowbit.models.vae import VAE
+    from lowbit.methods.lsq import LSQQuantizer
+
+    used = []
+    original = LSQQuantizer.linear_input
+
+    def spy(self, x, w, b):
+        y = original(self, x, w, b)
+        used.append(y is not None)
+        return y
+
+    results = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        m = VAE()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], "lsq", optimizer=opt)
+        monkeypatch.setattr(LSQQuantizer, "linear_input", spy if fuse else lambda self, x, w, b: None)
+        gen = _gen(3)
+        for _ in range(3):
+            x = _sparse_images(32, 784, seed=int(torch.randint(0, 1000, (), generator=gen)))
+            logits, mu, logvar = m(x)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") - 0.5 * torch.sum(
+                1 + logvar - mu.pow(2) - logvar.exp()
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results.append(m.state_dict())
+        if fuse:
+            # the first call initialises the steps (unfused); then fc1 fused, fc21/fc22/fc3/fc4 not
+            assert used[:5] == [False] * 5 and used[5:10] == [True, False, False, False, False]
+            x3 = _sparse_images(6, 784, seed=9).reshape(2, 3, 784)
+            y3 = m.fc1(x3)
+            assert used[-1] is True and y3.shape == (2, 3, 400)
+            with kernels.disabled():
+                assert torch.equal(y3, m.fc1(x3))
+            assert used[-1] is False
+    for name, v in results[0].items():
+        torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 # -- the loader --------------------------------------------------------------------------------

@@ -56,11 +56,14 @@ class QuantWrapper(nn.Module):
             setattr(self, name, q)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
         m = self.module
         w = m.weight if self.weight_quantizer is None else self.weight_quantizer(m.weight)
-        y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
+        iq = self.input_quantizer
+        y = iq.linear_input(x, w, m.bias) if iq is not None and self._is_linear else None
+        if y is None:  # (no fused input-and-layer call for this quantizer and these tensors)
+            if iq is not None:
+                x = iq(x)
+            y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         if self.grad_quantizer is not None:

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <vector>
 
 namespace {
 
@@ -302,6 +303,264 @@ struct LSQFn : public Function<LSQFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
+// LSQ on a Linear layer's input, fused with the layer: y = x_hat W^T + b.  When the input needs no
+// gradient (a model's first layer, fed with data), the step's gradient
+//     sum_{m,j} d_mj (G W)_mj,   d = x_hat - x inside the range, x_hat outside,  G = dL/dy
+// does not need the dense product G W (as large as the layer's forward GEMM): d is zero wherever
+// x is 0 or on the grid, so only its nonzeros are visited (MNIST: ~19% of the pixels).  The sum
+// is regrouped as sum_m G_m . (sum_j d_mj W[:, j]) over chunks of W's rows; each chunk of W is
+// transposed into a buffer that stays in L2 while every row m visits its nonzeros.  The result is
+// the same sum in another order (float32 partial sums per row and chunk, a double total).  Dense
+// inputs, or an input that needs its gradient, take the dense product as the unfused path does
+// (with its exact values).
+
+constexpr double kSparseMaxDensity = 0.5;  // above this fraction of nonzero d: the dense product
+constexpr int kChunkVectors = 8;           // 8 floats a vector: chunks of at most 64 rows of W
+
+struct Residuals {  // the nonzero d, row by row: row m holds count[m] entries from m * n on
+  int64_t rows = 0, n = 0, nnz = 0;
+  const int32_t *count = nullptr, *col = nullptr;
+  const float* val = nullptr;
+};
+
+// scratch memory kept per thread across calls (no allocation, no fresh pages, per backward pass)
+template <typename T>
+T* scratch(std::vector<T>& v, size_t size) {
+  if (v.size() < size) v.resize(size);
+  return v.data();
+}
+
+#ifdef __AVX2__
+struct PackTable {  // for each 8-bit mask, the lanes that are set, first: a left-pack permutation
+  alignas(32) int32_t lanes[256][8];
+  PackTable() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int b = 0; b < 8; ++b)
+        if ((m >> b) & 1) lanes[m][k++] = b;
+      while (k < 8) lanes[m][k++] = 0;
+    }
+  }
+};
+const PackTable kPack;
+#endif
+
+// the nonzero d of one row: d = x_hat - x inside the range, x_hat outside
+int32_t row_residuals(const float* __restrict__ xr, const float* __restrict__ qr, int64_t n, const Grid& g,
+                      int32_t* __restrict__ col, float* __restrict__ val) {
+  int32_t k = 0;
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 lo = _mm256_set1_ps(g.lo_x), hi = _mm256_set1_ps(g.hi_x), zero = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 xv = _mm256_loadu_ps(xr + j);
+    const __m256 in = _mm256_and_ps(_mm256_cmp_ps(xv, lo, _CMP_GT_OQ), _mm256_cmp_ps(xv, hi, _CMP_LT_OQ));
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(qr + j), _mm256_and_ps(xv, in));  // q - x, or q - 0
+    const int mask = _mm256_movemask_ps(_mm256_cmp_ps(d, zero, _CMP_NEQ_UQ));
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.lanes[mask]));
+    _mm256_storeu_ps(val + k, _mm256_permutevar8x32_ps(d, lanes));  // (k + 8 <= j + 8 <= n)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(col + k),
+                        _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)), lanes));
+    k += __builtin_popcount(static_cast<unsigned>(mask));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float d = inside(xr[j], g) ? qr[j] - xr[j] : qr[j];
+    col[k] = static_cast<int32_t>(j);
+    val[k] = d;
+    k += d != 0.0f;
+  }
+  return k;
+}
+
+Residuals step_residuals(const float* x, const float* xh, int64_t rows, int64_t n, const Grid& g) {
+  thread_local std::vector<int32_t> counts, cols;
+  thread_local std::vector<float> vals;
+  int32_t *cnt = scratch(counts, rows), *col = scratch(cols, rows * n);
+  float* val = scratch(vals, rows * n);
+  at::parallel_for(0, rows, 16, [=](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) cnt[m] = row_residuals(x + m * n, xh + m * n, n, g, col + m * n, val + m * n);
+  });
+  Residuals r{rows, n, 0, cnt, col, val};
+  for (int64_t m = 0; m < rows; ++m) r.nnz += cnt[m];
+  return r;
+}
+
+// buf[j * width + c] = w[(k0 + c) * n + j] for c < rows, 0 for rows <= c < width
+void transpose_rows(const float* w, int64_t n, int64_t k0, int64_t rows, int64_t width, float* buf) {
+  const float* src = w + k0 * n;
+  int64_t j = 0;
+#ifdef __AVX2__
+  const int64_t rows8 = rows / 8 * 8;
+  for (; j + 8 <= n; j += 8) {  // 8 columns of w at a time: 8 whole rows of buf
+    for (int64_t c = 0; c < rows8; c += 8) {
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (c + i) * n + j);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int h = 0; h < 8; h += 4) {
+        u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+        u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+        u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+        u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(buf + (j + i) * width + c, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(buf + (j + i + 4) * width + c, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+    for (int64_t i = 0; i < 8; ++i) {
+      float* b = buf + (j + i) * width;
+      for (int64_t c = rows8; c < rows; ++c) b[c] = src[c * n + j + i];
+      for (int64_t c = rows; c < width; ++c) b[c] = 0.0f;
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    float* b = buf + j * width;
+    for (int64_t c = 0; c < rows; ++c) b[c] = src[c * n + j];
+    for (int64_t c = rows; c < width; ++c) b[c] = 0.0f;
+  }
+}
+
+// sum over rows m of G[m, k0:k0+rows] . (sum_i val_i buf[col_i]), V vectors of 8 floats wide
+template <int V>
+double chunk_step_sum(const Residuals& d, const float* buf, const float* go, int64_t k, int64_t k0, int64_t rows) {
+  constexpr int W = 8 * V;
+  double total = 0.0;
+  for (int64_t m = 0; m < d.rows; ++m) {
+    const int32_t* col = d.col + m * d.n;
+    const float* val = d.val + m * d.n;
+    const int32_t cnt = d.count[m];
+    float acc[W] = {0}, gpad[W] = {0};
+    for (int64_t c = 0; c < rows; ++c) gpad[c] = go[m * k + k0 + c];
+#ifdef __AVX2__
+    __m256 a[V];
+    for (int v = 0; v < V; ++v) a[v] = _mm256_setzero_ps();
+    for (int32_t i = 0; i < cnt; ++i) {
+      const float* b = buf + static_cast<int64_t>(col[i]) * W;
+      const __m256 s = _mm256_set1_ps(val[i]);
+      for (int v = 0; v < V; ++v) a[v] = _mm256_fmadd_ps(s, _mm256_loadu_ps(b + 8 * v), a[v]);
+    }
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + 8 * v, a[v]);
+#else
+    for (int32_t i = 0; i < cnt; ++i) {
+      const float* b = buf + static_cast<int64_t>(col[i]) * W;
+      for (int c = 0; c < W; ++c) acc[c] += val[i] * b[c];
+    }
+#endif
+    float dot = 0.0f;
+    for (int c = 0; c < W; ++c) dot += acc[c] * gpad[c];
+    total += dot;
+  }
+  return total;
+}
+
+using ChunkFn = double (*)(const Residuals&, const float*, const float*, int64_t, int64_t, int64_t);
+constexpr ChunkFn kChunkFns[kChunkVectors] = {chunk_step_sum<1>, chunk_step_sum<2>, chunk_step_sum<3>,
+                                              chunk_step_sum<4>, chunk_step_sum<5>, chunk_step_sum<6>,
+                                              chunk_step_sum<7>, chunk_step_sum<8>};
+
+// sum_{m,j} d_mj (G W)_mj for G [rows, k], W [k, n]; chunks of W's rows run in parallel
+double sparse_step_sum(const Residuals& d, const Tensor& go, const Tensor& w) {
+  const int64_t k = w.size(0), n = w.size(1);
+  const int64_t vectors = (k + 7) / 8;
+  int64_t chunks = (vectors + kChunkVectors - 1) / kChunkVectors;
+  const int64_t threads = at::get_num_threads();
+  chunks = std::min(vectors, (chunks + threads - 1) / threads * threads);  // whole rounds of threads
+  const float *gp = cfptr(go), *wp = cfptr(w);
+  return at::parallel_reduce(
+      0, chunks, 1, 0.0,
+      [&](int64_t b, int64_t e, double acc) {
+        thread_local std::vector<float> store;
+        for (int64_t c = b; c < e; ++c) {
+          // chunk c covers vectors [v0, v1): the first (vectors % chunks) chunks get one more
+          const int64_t base = vectors / chunks, extra = vectors % chunks;
+          const int64_t v0 = c * base + std::min(c, extra), v1 = v0 + base + (c < extra ? 1 : 0);
+          const int64_t k0 = 8 * v0, rows = std::min(k, 8 * v1) - k0, width = 8 * (v1 - v0);
+          float* buf = scratch(store, n * width);
+          transpose_rows(wp, n, k0, rows, width, buf);
+          acc += kChunkFns[v1 - v0 - 1](d, buf, gp, k, k0, rows);
+        }
+        return acc;
+      },
+      std::plus<double>());
+}
+
+struct LSQLinearFn : public Function<LSQLinearFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& scale, const Tensor& weight,
+                        const c10::optional<Tensor>& bias, int64_t qmin, int64_t qmax, double grad_factor) {
+    Tensor x = as_f32(x_in);
+    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1),
+                "lsq_linear takes x [rows, in] and weight [out, in]");
+    double sign = 1.0;
+    const Grid g = lsq_grid(scale, qmin, qmax, &sign);
+    Tensor xh = torch::empty_like(x);
+    const float* xp = cfptr(x);
+    float* qp = fptr(xh);
+    at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(xp + b, qp + b, e - b, g); });
+    save_grid(ctx, static_cast<double>(g.s), static_cast<double>(qmin), static_cast<double>(qmax));
+    ctx->saved_data["factor"] = grad_factor * sign / static_cast<double>(g.s);
+    ctx->saved_data["s_shape"] = scale.sizes().vec();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, xh, weight});
+    return torch::linear(xh, weight, bias);  // what F.linear computes, unfused
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &xh = saved[1], &weight = saved[2];
+    const Grid g = saved_grid(ctx);
+    const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
+    Tensor go = grads[0].contiguous();
+    Tensor gw, gb, gx, gs;
+    if (ctx->needs_input_grad(2)) gw = at::mm(go.t(), xh);  // as linear's autograd computes it (G^T x_hat)
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) gb = go.sum(0);
+    if (!want_x && !want_s) return {gx, gs, gw, gb, Tensor(), Tensor(), Tensor()};
+    const int64_t n = x.numel();
+    const float* xp = cfptr(x);
+    double sum = 0.0;
+    Residuals d;
+    bool sparse = false;
+    if (!want_x) {
+      d = step_residuals(xp, cfptr(xh), x.size(0), x.size(1), g);
+      sparse = static_cast<double>(d.nnz) <= kSparseMaxDensity * static_cast<double>(n);
+    }
+    if (sparse) {
+      Tensor w = weight.contiguous();
+      sum = sparse_step_sum(d, go, w);
+    } else {  // the unfused path: dL/dx_hat = G W, then LSQ's backward on it
+      Tensor gxh = at::mm(go, weight);
+      const float* gp = cfptr(gxh);
+      const StepSum total = at::parallel_reduce(
+          0, n, kGrain, StepSum{0.0, 0},
+          [&](int64_t b, int64_t e, StepSum acc) {
+            const StepSum part = step_grad_span(xp + b, gp + b, e - b, g);
+            return StepSum{acc.sum + part.sum, acc.outside + part.outside};
+          },
+          [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
+      sum = total.sum;
+      if (want_x) {
+        if (total.outside == 0) {
+          gx = gxh;
+        } else {
+          gx = torch::empty_like(x);
+          float* gxp = fptr(gx);
+          at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { mask_span(xp + b, gp + b, gxp + b, e - b, g); });
+        }
+      }
+    }
+    if (want_s) {
+      const double factor = ctx->saved_data["factor"].toDouble();
+      gs = torch::full(ctx->saved_data["s_shape"].toIntVector(), static_cast<float>(sum) * factor, torch::kFloat32);
+    }
+    return {gx, gs, gw, gb, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // range quantizers (QAT, PTQ): observe the tensor's min/max, update the tracked range, compute the
 // grid and quantize, in one call.  The arithmetic mirrors lowbit.methods.base.RangeQuantizer's
 // Python path (_observe_py and fake_quant.affine_qparams_f32) operation by operation: doubles
@@ -413,6 +672,10 @@ Tensor clipped(const Tensor& x, double s, double lo, double hi) { return Clipped
 Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, double grad_factor, bool tanh_first) {
   return LSQFn::apply(x, scale, qmin, qmax, grad_factor, tanh_first);
 }
+Tensor lsq_linear(const Tensor& x, const Tensor& scale, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  int64_t qmin, int64_t qmax, double grad_factor) {
+  return LSQLinearFn::apply(x, scale, weight, bias, qmin, qmax, grad_factor);
+}
 Tensor tanh_forward(const Tensor& x_in) {
   Tensor x = as_f32(x_in);
   Tensor out = torch::empty_like(x);
@@ -431,6 +694,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lo"), py::arg("hi"));
   m.def("lsq", &lsq, "LSQ fake quantization with a learned per-tensor step", py::arg("x"), py::arg("scale"),
         py::arg("qmin"), py::arg("qmax"), py::arg("grad_factor"), py::arg("tanh_first") = false);
+  m.def("lsq_linear", &lsq_linear,
+        "linear(x_hat, weight, bias) with x_hat the LSQ fake quantization of x [rows, in] (per-tensor step); "
+        "the step's gradient skips the dense dL/dx_hat when x needs no gradient",
+        py::arg("x"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("qmin"), py::arg("qmax"),
+        py::arg("grad_factor"));
   m.def("range_quant", &range_quant,
         "observe min/max, update the tracked range, quantize (QAT/PTQ per-tensor); returns "
         "(x_hat, tmin, tmax, scale, zero_point, inv, clamp)",

@@ -113,6 +113,12 @@ class Quantizer(nn.Module):
     def grid(self) -> AffineGrid:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def linear_input(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """For an input quantizer: ``F.linear(self(x), weight, bias)`` as one fused call, or ``None``
+        where this quantizer has none for these tensors (the default); the wrapper then quantizes
+        ``x`` and calls ``F.linear`` itself."""
+        return None
+
     def quantize_int(self, x: Tensor) -> Tensor:
         """Integer codes of ``x`` (the default: on :meth:`grid`, no transform)."""
         with torch.no_grad():

@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
-from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, lsq_fake_quantize, qrange
+from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, fusable, lsq_fake_quantize, qrange
 from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, register_method
 
 __all__ = ["LSQ", "LSQQuantizer"]
@@ -102,12 +103,37 @@ class LSQQuantizer(Quantizer):
                     "from the first training batch (or lowbit.calibrate(model, batches))"
                 )
             self._init_from(x.detach())
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._grad_factor(x), self.axis)
+
+    def _grad_factor(self, x: Tensor) -> float:
         if self.is_weight:
-            gf = self._weight_gf
-        else:
-            n = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
-            gf = 1.0 / math.sqrt(max(n, 1) * self._qp)
-        return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, gf, self.axis)
+            return self._weight_gf
+        n = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(max(n, 1) * self._qp)
+
+    def linear_input(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """``F.linear(self(x), weight, bias)`` in one fused call where it pays: a per-tensor input
+        step, float32 on the CPU, and an ``x`` that needs no gradient (a model's first layer).
+        The step's gradient then visits only the nonzero ``x_hat - x`` instead of forming the
+        dense ``dL/dx_hat`` (a GEMM as large as the layer's forward; on MNIST ~80% of it is
+        multiplied by zero pixels) — :mod:`lowbit.kernels`.  Same values forward; the step's
+        gradient is the same sum in another order."""
+        if (
+            self.is_weight
+            or not self._initialized
+            or self.axis is not None
+            or self.zero_point is not None
+            or x.requires_grad
+            or x.dim() < 2
+            or not (torch.is_grad_enabled() and self.scale.requires_grad)
+            or not (fusable(x) and fusable(weight) and fusable(self.scale))
+        ):
+            return None
+        k = kernels.get()
+        if k is None:
+            return None
+        y = k.lsq_linear(x.reshape(-1, x.shape[-1]), self.scale, weight, bias, self.qmin, self.qmax, self._grad_factor(x))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def grid(self) -> AffineGrid:
         if not self._initialized:
