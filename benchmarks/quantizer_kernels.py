@@ -1,6 +1,7 @@
 """Per-quantizer cost: forward + backward of each method's weight quantizer on the VAE's largest
 weight (400 x 784), and of the activation quantizers on a batch of fc1's input (128 x 784), plus
-DoReFa's tanh — each with lowbit's fused CPU kernels (``lowbit.kernels``) and with its PyTorch
+DoReFa's tanh and an LSQ-quantized fc1 as a whole (input, weight, matmul; on MNIST-like images,
+which need no gradient: the fused path skips ``dL/dx_hat``) — each with lowbit's fused CPU kernels (``lowbit.kernels``) and with its PyTorch
 code (the fallback where the kernels cannot be built), side by side.  Microseconds per call:
 median of ``--reps`` rounds of ``--calls`` calls, the best of ``--rounds`` alternating rounds of
 the two modes, in one process; 1 thread by default.
@@ -41,6 +42,10 @@ def per_call_us(fn, calls: int, reps: int) -> float:
 
 W = (torch.randn(400, 784, generator=torch.Generator().manual_seed(0)) * 0.05).requires_grad_()
 G = torch.randn(400, 784, generator=torch.Generator().manual_seed(1))
+# MNIST-like images: 19% nonzero pixels on the 1/255 grid (as MNIST's), the rest exact zeros
+_gen = torch.Generator().manual_seed(4)
+IMAGES = torch.where(torch.rand(128, 784, generator=_gen) < 0.19,
+                     torch.randint(1, 256, (128, 784), generator=_gen) / 255.0, torch.zeros(()))
 
 
 def measure(calls: int, reps: int) -> dict[str, float]:
@@ -64,6 +69,9 @@ def measure(calls: int, reps: int) -> dict[str, float]:
         xg = x.clone().requires_grad_()
         gx = torch.randn_like(x)
         timings[f"{method} input quantizer, fwd + bwd"] = per_call_us(lambda: iq(xg).backward(gx), calls, reps)
+        if method == "lsq":  # the whole first layer on images: the input's step without dL/dx_hat
+            gy = torch.randn(128, 400, generator=torch.Generator().manual_seed(3))
+            timings["lsq first layer on images, fwd + bwd"] = per_call_us(lambda: layer(IMAGES).backward(gy), calls, reps)
     return timings
 
 
@@ -91,13 +99,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s), microseconds per call (median of {args.reps})")
     if not kernels.available():
         print("(the fused kernels are not available here: LOWBIT_KERNELS=0 or they did not build)")
-    print(f"{'':<40} {'PyTorch':>9} {'fused':>9} {'ratio':>7}")
+    print(f"{'':<42} {'PyTorch':>9} {'fused':>9} {'ratio':>7}")
     for name in plain:
         a, b = plain[name], fused.get(name)
         if b is None or not kernels.available():
-            print(f"{name:<40} {a:9.0f}")
+            print(f"{name:<42} {a:9.0f}")
         else:
-            print(f"{name:<40} {a:9.0f} {b:9.0f} {a / b:7.2f}")
+            print(f"{name:<42} {a:9.0f} {b:9.0f} {a / b:7.2f}")
 
 
 if __name__ == "__main__":
