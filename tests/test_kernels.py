@@ -284,6 +284,13 @@ def test_the_wrapper_fuses_only_a_first_layer_lsq_input(k, monkeypatch):
             assert used[-1] is False
     for name, v in results[0].items():
         torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    # a forward hook on the input quantizer still sees every call: the wrapper does not fuse then
+    monkeypatch.setattr(LSQQuantizer, "linear_input", spy)
+    seen = []
+    m.fc1.input_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    n_used = len(used)
+    m.fc1(_sparse_images(4, 784, seed=5))
+    assert seen == [(4, 784)] and len(used) == n_used
 
 
 # -- the loader --------------------------------------------------------------------------------

@@ -59,8 +59,12 @@ class QuantWrapper(nn.Module):
         m = self.module
         w = m.weight if self.weight_quantizer is None else self.weight_quantizer(m.weight)
         iq = self.input_quantizer
-        y = iq.linear_input(x, w, m.bias) if iq is not None and self._is_linear else None
-        if y is None:  # (no fused input-and-layer call for this quantizer and these tensors)
+        y = None
+        # a fused input-and-layer call where the quantizer has one (it is not called as a module
+        # then, so not where hooks are registered on it)
+        if iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks):
+            y = iq.linear_input(x, w, m.bias)
+        if y is None:
             if iq is not None:
                 x = iq(x)
             y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
