@@ -16,7 +16,9 @@ divided by fp32's time for the same slice (adjacent in time, so slow drifts of a
 load cancel), with its interquartile range.  Run at 1 thread and at 2 threads.  Target: <= 1.15
 for every method.
 
-One more fp32 row, ``fp32 + fc1 input grad``, computes the gradient with respect to the model's
+The row ``lsq 4L, fc1 unfused`` is LSQ without its fused first layer (the input step's
+gradient through the dense ``dL/dx_hat``), to show what that fusion saves.  One more fp32 row,
+``fp32 + fc1 input grad``, computes the gradient with respect to the model's
 input (the images), which fp32 training never needs: it is the floor for any method that learns
 fc1's input quantizer (LSQ's input step needs ``dL/dx_hat`` of fc1's input, one GEMM as large as
 fc1's forward pass).  Needs MNIST in ``LOWBIT_DATA_DIR`` (else uniform random images).
@@ -82,6 +84,14 @@ def make_variants(seed: int = 0) -> dict[str, tuple[torch.nn.Module, torch.optim
             cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": layers}]
             lowbit.quantize(m, cfg, method, optimizer=opt)
             variants[f"{method} W8A8 {tag}"] = (m, opt)
+    # the same LSQ model with fc1's input quantizer and matmul unfused (dense dL/dx_hat for the
+    # input step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
+    m = VAE()
+    m.load_state_dict(base.state_dict())
+    opt = make_optimizer(m)
+    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
+    m.fc1.input_quantizer.linear_input = lambda x, w, b: None  # (the wrapper then quantizes, then F.linear)
+    variants["lsq 4L, fc1 unfused"] = (m, opt)
     return variants
 
 
