@@ -125,6 +125,7 @@ class LSQQuantizer(Quantizer):
             or self.zero_point is not None
             or x.requires_grad
             or x.dim() < 2
+            or x.shape[-1] != weight.shape[-1]  # (F.linear's own error message then)
             or not (torch.is_grad_enabled() and self.scale.requires_grad)
             or not (fusable(x) and fusable(weight) and fusable(self.scale))
         ):
