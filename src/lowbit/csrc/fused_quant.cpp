@@ -163,6 +163,20 @@ StepSum step_grad_span(const float* __restrict__ x, const float* __restrict__ gr
   return r;
 }
 
+// step_grad_span over a whole tensor in parallel chunks; before each chunk's sum, also_do(b, e)
+// (a pass over the same chunk while it is in cache)
+template <typename F>
+StepSum step_sum(const float* x, const float* gr, int64_t n, const Grid& g, const F& also_do) {
+  return at::parallel_reduce(
+      0, n, kGrain, StepSum{0.0, 0},
+      [&](int64_t b, int64_t e, StepSum acc) {
+        also_do(b, e);
+        const StepSum part = step_grad_span(x + b, gr + b, e - b, g);
+        return StepSum{acc.sum + part.sum, acc.outside + part.outside};
+      },
+      [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
+}
+
 float* fptr(Tensor& t) { return t.data_ptr<float>(); }
 const float* cfptr(const Tensor& t) { return t.data_ptr<float>(); }
 
@@ -274,14 +288,9 @@ struct LSQFn : public Function<LSQFn> {
     if (want_x && tanh_first) alloc_gx();
     StepSum total{0.0, 0};
     if (want_s) {
-      total = at::parallel_reduce(
-          0, n, kGrain, StepSum{0.0, 0},
-          [&](int64_t b, int64_t e, StepSum acc) {
-            if (gxp != nullptr) mask(b, e);
-            const StepSum part = step_grad_span(vp + b, gp + b, e - b, g);
-            return StepSum{acc.sum + part.sum, acc.outside + part.outside};
-          },
-          [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
+      total = step_sum(vp, gp, n, g, [&](int64_t b, int64_t e) {
+        if (gxp != nullptr) mask(b, e);
+      });
     }
     if (want_x) {
       if (!tanh_first && want_s && total.outside == 0) {
@@ -534,13 +543,7 @@ struct LSQLinearFn : public Function<LSQLinearFn> {
     } else {  // the unfused path: dL/dx_hat = G W, then LSQ's backward on it
       Tensor gxh = at::mm(go, weight);
       const float* gp = cfptr(gxh);
-      const StepSum total = at::parallel_reduce(
-          0, n, kGrain, StepSum{0.0, 0},
-          [&](int64_t b, int64_t e, StepSum acc) {
-            const StepSum part = step_grad_span(xp + b, gp + b, e - b, g);
-            return StepSum{acc.sum + part.sum, acc.outside + part.outside};
-          },
-          [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
+      const StepSum total = step_sum(xp, gp, n, g, [](int64_t, int64_t) {});
       sum = total.sum;
       if (want_x) {
         if (total.outside == 0) {
