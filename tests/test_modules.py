@@ -10,7 +10,7 @@ from torch import nn
 
 import lowbit
 from helpers import train_vae
-from lowbit.fake_quant import AffineGrid
+from lowbit.fake_quant import AffineGrid, f32
 from lowbit.methods import NotCalibratedError, Quantizer
 from lowbit.models.vae import VAE
 from lowbit.modules import QuantWrapper
@@ -224,3 +224,19 @@ def test_cpu_fast_path_and_tensor_path_agree(method):
             assert value == (b[name][key] if isinstance(value, str) else pytest.approx(b[name][key], rel=1e-6)), (name, key)
     x = torch.rand(8, 784)
     assert torch.allclose(models[0](x, torch.zeros(8, 20))[0], models[1](x, torch.zeros(8, 20))[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("tracking_method", ["qat", "ptq"])
+def test_range_tracking_goes_on_when_the_cpu_fast_path_takes_over(tracking_method):
+    """A model observed on another device (the tensor path) and then trained on the CPU keeps its
+    tracked range: QAT's EMA continues, PTQ's min/max keeps the earlier extremes."""
+    m = nn.Sequential(nn.Linear(4, 4))
+    lowbit.quantize(m, [{"quant_types": ["input"], "quant_bits": 8, "op_types": ["Linear"]}], tracking_method)
+    q = m[0].input_quantizer
+    q.python_fast_path = False  # as on a GPU
+    m(torch.full((2, 4), 10.0))
+    q.python_fast_path = True  # back on the CPU
+    m(torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    expected = f32(10.0 + 0.01 * (1.0 - 10.0)) if tracking_method == "qat" else 10.0
+    assert lowbit.calibration_config(m)["0"]["tracked_max_input"] == pytest.approx(expected, rel=1e-6)
+    assert lowbit.calibration_config(m)["0"]["tracked_min_input"] == 0.0

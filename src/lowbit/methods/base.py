@@ -478,6 +478,11 @@ class RangeQuantizer(Quantizer):
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         st = self._st
+        if st[4] is None and st[0] and self.axis is None and self.python_fast_path and x.device.type == "cpu":
+            # the tensor path ran last (the model was on a GPU, or is back from one): read its state
+            # into the Python-number copy, or the fast path would start the range tracking afresh
+            self._flush()
+            self._sync()
         if self.start_step > 0 and st[1] < self.start_step:
             if self.training:
                 st[1] += 1
