@@ -289,3 +289,37 @@ def test_dorefa_gradient_quantization():
         quantize_gradient(x, bits).backward(up)
         acc += x.grad
     assert (acc / 400 - up).abs().max() < 0.1 * m.max()
+
+
+def test_exact_div_is_the_correctly_rounded_quotient():
+    from lowbit.fake_quant import exact_div
+
+    t = torch.rand(100_000) * 10
+    for n in (255, 15, 127, 3.0, 2 ** 0.5):
+        want = (t.double() / torch.tensor(n, dtype=torch.float32).double()).float()
+        assert torch.equal(exact_div(t, n), want)
+
+
+@pytest.mark.parametrize("zp", [None, 3])
+def test_clipped_gradient_is_the_same_test_on_every_path(zp):
+    """Inside means float32(lo s) < x < float32(hi s), on the x itself: the per-tensor path (Python
+    numbers), the tensor path (other devices) and per-channel grids agree at the range's ends."""
+    s = f32(1 / 255)
+    qmin, qmax = 0, 255
+    lo_x, hi_x = f32((qmin - (zp or 0)) * s), f32((qmax - (zp or 0)) * s)
+    below = torch.nextafter(torch.tensor(hi_x), torch.tensor(0.0)).item()
+    above_lo = torch.nextafter(torch.tensor(lo_x), torch.tensor(1.0)).item()
+    x = torch.tensor([lo_x, above_lo, 0.5, below, hi_x, hi_x + 0.1])
+    want = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    zp_t = None if zp is None else torch.tensor(zp)
+    for scale, zero_point, axis in (
+        (torch.tensor(s), zp_t, None),                                    # per-tensor (numbers on the CPU)
+        (torch.full((6,), s), None if zp is None else torch.full((6,), zp), 0),  # per-channel: tensors
+    ):
+        xx = (x.reshape(6, 1) if axis == 0 else x).clone().requires_grad_(True)
+        clipped_fake_quantize(xx, scale, zero_point, qmin, qmax, axis).sum().backward()
+        assert torch.equal(xx.grad.reshape(-1), want), (axis, xx.grad)
+        xx = (x.reshape(6, 1) if axis == 0 else x).clone().requires_grad_(True)
+        sc = scale.clone().requires_grad_(True)
+        lsq_fake_quantize(xx, sc, None if zero_point is None else zero_point.float(), qmin, qmax, 1.0, axis).sum().backward()
+        assert torch.equal(xx.grad.reshape(-1), want), ("lsq", axis, xx.grad)

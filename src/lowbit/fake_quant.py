@@ -48,6 +48,7 @@ __all__ = [
     "qrange",
     "affine_qparams",
     "affine_qparams_f32",
+    "exact_div",
     "f32",
     "fake_quantize",
     "fusable",
@@ -157,11 +158,19 @@ def affine_qparams(
     hi = torch.clamp(hi, min=0.0)
     if symmetric:
         amax = torch.maximum(-lo, hi) if qmin < 0 else hi
-        scale = (amax / qmax).clamp_(min=MIN_SCALE)
+        scale = exact_div(amax, qmax).clamp_(min=MIN_SCALE)
         return scale, torch.zeros_like(scale, dtype=torch.int64)
-    scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+    scale = exact_div(hi - lo, qmax - qmin).clamp_(min=MIN_SCALE)
     zp = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax).to(torch.int64)
     return scale, zp
+
+
+def exact_div(t: Tensor, n: float) -> Tensor:
+    """``t / n`` correctly rounded on every device.  (CUDA divides a tensor by a Python number as a
+    multiplication by its rounded reciprocal, which can be one float32 ulp off the true quotient:
+    a GPU-trained grid would then differ from the CPU's.  A divisor tensor on ``t``'s device takes
+    the true division.)"""
+    return t / t.new_full((), n)
 
 
 def f32(v: float) -> float:
@@ -216,12 +225,23 @@ def _clamp(r: Tensor, lo, hi, inplace: bool) -> Tensor:
     return r.clamp_(lo, hi) if inplace else torch.clamp(r, lo, hi)
 
 
-def _inside_grad(g: Tensor, v: Tensor, lo, hi) -> Tensor:
-    """``g`` where ``v = x / scale`` lies strictly inside ``(lo, hi)``, else 0 (one fused pass,
-    hardtanh's backward, when the bounds are numbers)."""
-    if isinstance(lo, Tensor):
-        return torch.where((v > lo) & (v < hi), g, torch.zeros((), dtype=g.dtype, device=g.device))
-    return torch.ops.aten.hardtanh_backward(g, v, lo, hi)
+def _x_bounds(s, lo, hi) -> tuple:
+    """The code range ``(lo, hi)`` (relative to the zero point) in x-space: ``float32(lo * s)``,
+    ``float32(hi * s)``, as numbers or broadcastable tensors.  Every path (the fused kernels, the
+    Python-number path, per-channel grids, other devices) tests "inside" against these, so a value
+    at the very end of its range (a batch's own maximum, which sets the range) gets the same
+    gradient on every device and granularity."""
+    if isinstance(s, Tensor):
+        return lo * s, hi * s  # a float32 product of an integer and s: correctly rounded, as f32()
+    return f32(lo * s), f32(hi * s)
+
+
+def _inside_grad(g: Tensor, x: Tensor, lo_x, hi_x) -> Tensor:
+    """``g`` where ``x`` lies strictly inside ``(lo_x, hi_x)``, else 0 (one fused pass, hardtanh's
+    backward, when the bounds are numbers)."""
+    if isinstance(lo_x, Tensor):
+        return torch.where((x > lo_x) & (x < hi_x), g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return torch.ops.aten.hardtanh_backward(g, x, lo_x, hi_x)
 
 
 def fake_quantize(
@@ -270,18 +290,16 @@ class _ClippedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # type: ignore[override]
         s, inv, lo, hi = _resolve(x, scale, zero_point, qmin, qmax, axis)
-        v = x * inv
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(v)
-            ctx.bounds = (lo, hi)
-            return _clamp(torch.round(v), lo, hi, True).mul_(s)
-        return _clamp(v.round_(), lo, hi, True).mul_(s)
+            ctx.save_for_backward(x)
+            ctx.bounds = _x_bounds(s, lo, hi)
+        return _clamp((x * inv).round_(), lo, hi, True).mul_(s)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        (v,) = ctx.saved_tensors
-        lo, hi = ctx.bounds
-        return _inside_grad(g, v, lo, hi), None, None, None, None, None
+        (x,) = ctx.saved_tensors
+        lo_x, hi_x = ctx.bounds
+        return _inside_grad(g, x, lo_x, hi_x), None, None, None, None, None
 
 
 def clipped_fake_quantize(
@@ -327,11 +345,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         s_t = scale.abs().clamp_min(MIN_SCALE)
         zp_t = None if zero_point is None else torch.round(zero_point).clamp(qmin, qmax)
         s, inv, lo, hi = _resolve(x, s_t, zp_t, qmin, qmax, axis)
-        v = x * inv
-        out = _clamp(torch.round(v), lo, hi, False).mul_(s)  # c * s, c = clamp(round(v))
-        ctx.save_for_backward(x, out, v, scale.detach())
+        out = _clamp((x * inv).round_(), lo, hi, True).mul_(s)  # c * s, c = clamp(round(x / s))
+        ctx.save_for_backward(x, out, scale.detach())
         ctx.s = s
-        ctx.bounds = (lo, hi)
+        ctx.bounds = _x_bounds(s, lo, hi)
         return out
 
     @staticmethod
@@ -349,10 +366,10 @@ class _LSQFakeQuant(torch.autograd.Function):
                 # d x_hat / d zp = -s where clamped, 0 inside (straight through the rounding)
                 gzp = ((gx.sum() - g.sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
             return gx, gs, gzp, None, None, None, None
-        x, out, v, scale = ctx.saved_tensors
+        x, out, scale = ctx.saved_tensors
         s = ctx.s
-        lo, hi = ctx.bounds
-        gx = _inside_grad(g, v, lo, hi)
+        lo_x, hi_x = ctx.bounds
+        gx = _inside_grad(g, x, lo_x, hi_x)
         gs = gzp = None
         s_vec = s.reshape(-1) if ctx.axis is not None else s
         if ctx.needs_input_grad[1]:
@@ -379,7 +396,8 @@ def lsq_fake_quantize(
 
     Gradients, as in the paper, which clips ``v = x / scale`` to ``[qmin - zp, qmax - zp]`` before
     rounding (``c`` = the clipped, rounded code minus the zero point): "inside" means
-    ``qmin - zp < v < qmax - zp``; ``dL/dx = g`` inside, 0 outside;
+    ``float32((qmin - zp) scale) < x < float32((qmax - zp) scale)`` (the same test on every path
+    and device); ``dL/dx = g`` inside, 0 outside;
     ``dL/dscale = grad_factor * sum(g * (c - v))`` inside and ``grad_factor * sum(g * c)`` outside
     (c is then ``qmin - zp`` or ``qmax - zp``: the paper's ``-Qn`` / ``Qp``);
     ``dL/dzero_point = -grad_factor * scale * sum(g)`` over the elements outside.

@@ -49,6 +49,7 @@ from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (
     MIN_SCALE,
     AffineGrid,
+    exact_div,
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     f32,
@@ -111,7 +112,7 @@ def dorefa_weight_codes(w: Tensor, range_bits: int, variant: str) -> tuple[Tenso
         return codes, scale, t, m, float(levels)  # codes ~ levels * t / m
     n = (1 << (range_bits - 1)) - 1
     wmn, wmx = torch.aminmax(w)
-    scale = (torch.maximum(-wmn, wmx) / n).clamp_min(MIN_SCALE)
+    scale = exact_div(torch.maximum(-wmn, wmx), n).clamp_min(MIN_SCALE)
     codes = (t * (n / m)).round_()
     return codes, scale, t, m, float(n)
 
@@ -167,7 +168,7 @@ class DoReFaWeightQuantizer(Quantizer):
             if weight is None:
                 raise ValueError("the learned DoReFa step is initialised from the layer's weight: pass it")
             t = tanh(weight.detach().float())
-            self.scale = nn.Parameter((2 * t.abs().mean() / math.sqrt(self.qmax)).clamp(min=MIN_SCALE).reshape(()))
+            self.scale = nn.Parameter(exact_div(2 * t.abs().mean(), math.sqrt(self.qmax)).clamp(min=MIN_SCALE).reshape(()))
             self._grad_factor = 1.0 / math.sqrt(weight.numel() * self.qmax)
             self.register_buffer("initialized", torch.tensor(True))
             self._initialized = True

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
-from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, fusable, lsq_fake_quantize, qrange
+from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
 from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, register_method
 
 __all__ = ["LSQ", "LSQQuantizer"]
@@ -91,7 +91,7 @@ class LSQQuantizer(Quantizer):
                 mean_abs = x.abs().reshape(x.shape[0], -1).mean(1)
             else:
                 mean_abs = x.abs().mean()
-            self.scale.copy_((2 * mean_abs / math.sqrt(self._qp)).clamp(min=MIN_SCALE))
+            self.scale.copy_(exact_div(2 * mean_abs, math.sqrt(self._qp)).clamp(min=MIN_SCALE))
         self.initialized.fill_(True)
         self._initialized = True
 
