@@ -806,8 +806,10 @@ def export_onnx_bytes(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if bias not in BIAS_MODES:
         raise ExportError(f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
-    plans = plan_layers(model, format, activations)
-    work = copy.deepcopy(model).cpu().float().eval()
+    # everything on a CPU copy: a model trained on a GPU exports as it is, and stays where it was
+    work = copy.deepcopy(model).cpu()
+    plans = plan_layers(work, format, activations)
+    work = work.float().eval()
     for p, (name, wrapper) in zip(plans, find_quantized_layers(work)):
         layer = wrapper.module
         if format == "onnx-fp32":
@@ -820,7 +822,7 @@ def export_onnx_bytes(
             raise ExportError("example_inputs are needed to trace a model that is not a lowbit VAE")
         traced, args, in_names, out_names = d
     else:
-        traced, args = work, tuple(example_inputs)
+        traced, args = work, tuple(t.cpu() if isinstance(t, Tensor) else t for t in example_inputs)
         in_names = list(input_names or [f"input{i}" if i else "x" for i in range(len(args))])
         out_names = list(output_names or [])
         if not out_names:
