@@ -82,6 +82,9 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` on ``images`` (shape ``(N, ...)``) for ``epochs`` epochs of shuffled batches.
 
+    The model and ``images`` may live on any device (both on the same one); the shuffling is drawn
+    on the CPU, so a seed gives the same batches everywhere.
+
     Args:
         optimizer: the optimizer to step; by default a fresh Adam(lr) over the model's parameters.
             Pass the one you gave :func:`lowbit.quantize` so quantizer parameters train too.
@@ -106,9 +109,9 @@ def fit(
     shared = progress if isinstance(progress, Progress) else None
     with TrainProgress(description, epochs, steps, enabled=bool(progress), progress=shared) as bar:
         for _epoch in range(epochs):
-            total = torch.zeros((), dtype=torch.float64)
+            total = torch.zeros((), dtype=torch.float64, device=images.device)
             start = time.perf_counter()
-            perm = torch.randperm(n, generator=shuffle)
+            perm = torch.randperm(n, generator=shuffle).to(images.device)
             for step in range(steps):
                 batch = images.index_select(0, perm[step * batch_size : (step + 1) * batch_size])
                 loss = loss_fn(model, batch)
@@ -117,8 +120,9 @@ def fit(
                 optimizer.step()
                 total += loss.detach()
                 bar.step(step + 1, total, min((step + 1) * batch_size, n))
+            mean_loss = float(total) / n  # (waits for an asynchronous device before the clock is read)
             result.epoch_seconds.append(time.perf_counter() - start)
-            result.epoch_losses.append(float(total) / n)
+            result.epoch_losses.append(mean_loss)
             bar.end_epoch(result.epoch_losses[-1], result.epoch_seconds[-1])
     return result
 
@@ -159,14 +163,15 @@ def evaluate(
         n = images.shape[0]
         latent = getattr(model, "latent", None)
         start = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64)
-        eps_all = eval_eps(n, latent, seed) if latent is not None else None
+        sums = torch.zeros(3, dtype=torch.float64, device=images.device)
+        eps_all = eval_eps(n, latent, seed).to(images.device) if latent is not None else None
         for i in range(0, n, batch_size):
             x = images[i : i + batch_size]
             eps = eps_all[i : i + batch_size] if eps_all is not None else None
             logits, mu, logvar = model(x, eps) if eps is not None else model(x)
             part = vae_loss(logits, x, mu, logvar)
             sums += torch.stack([part.total, part.bce, part.kl]).double()
+        sums = sums.cpu()  # (waits for an asynchronous device before the clock is read)
         seconds = time.perf_counter() - start
         iwae = None
         if iwae_k > 0:

@@ -94,7 +94,8 @@ def iwae_nll(model: VAE, x: Tensor, k: int = 64, generator: torch.Generator | No
     target = x.reshape(b, -1)
     mu, logvar = model.encode(x)
     std = torch.exp(0.5 * logvar)
-    eps = torch.randn((k, *mu.shape), generator=generator, dtype=mu.dtype)
+    # drawn on the CPU generator whatever the model's device: the same noise, so the same bound
+    eps = torch.randn((k, *mu.shape), generator=generator, dtype=mu.dtype).to(mu.device)
     z = mu + std * eps  # (k, B, latent)
     logits = model.decode_logits(z.reshape(k * b, -1)).reshape(k, b, -1)
     # log Bernoulli(x | sigmoid(l)) summed over pixels = x.l - softplus(l): the x.l part as one
