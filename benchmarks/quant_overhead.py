@@ -3,6 +3,7 @@ by the fp32 epoch, measured side by side in one process.
 
     python benchmarks/quant_overhead.py            # full epochs (60k MNIST images), 3 repetitions
     python benchmarks/quant_overhead.py --images 12800 --reps 5   # quicker
+    python benchmarks/quant_overhead.py --device cuda              # on a GPU (threads do not apply)
 
 Variants: fp32, then W8A8 (weight and input quantized to 8 bits) with each method on the study's
 layers (fc1, fc21, fc22, fc3) and on all five Linear layers, each with its own Adam optimizer
@@ -64,21 +65,25 @@ class InputGrad(torch.nn.Module):
         return self.model(x.detach().requires_grad_())
 
 
-def make_variants(seed: int = 0) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+def make_variants(seed: int = 0, device: str = "cpu") -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     from lowbit.train import make_optimizer
 
     variants = {}
     torch.manual_seed(seed)
     base = VAE()
-    fp32 = VAE()
+
+    def fresh() -> VAE:  # a new model on the device (quantized there, as a GPU user would)
+        return VAE().to(device)
+
+    fp32 = fresh()
     fp32.load_state_dict(base.state_dict())
     variants["fp32"] = (fp32, make_optimizer(fp32))
-    floor = VAE()
+    floor = fresh()
     floor.load_state_dict(base.state_dict())
     variants["fp32 + fc1 input grad"] = (InputGrad(floor), make_optimizer(floor))
     for layers, tag in ((STUDY_LAYERS, "4 layers"), (ALL_LAYERS, "5 layers")):
         for method in METHODS:
-            m = VAE()
+            m = fresh()
             m.load_state_dict(base.state_dict())
             opt = make_optimizer(m)
             cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": layers}]
@@ -86,7 +91,7 @@ def make_variants(seed: int = 0) -> dict[str, tuple[torch.nn.Module, torch.optim
             variants[f"{method} W8A8 {tag}"] = (m, opt)
     # the same LSQ model with fc1's input quantizer and matmul unfused (dense dL/dx_hat for the
     # input step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
-    m = VAE()
+    m = fresh()
     m.load_state_dict(base.state_dict())
     opt = make_optimizer(m)
     lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
@@ -95,17 +100,20 @@ def make_variants(seed: int = 0) -> dict[str, tuple[torch.nn.Module, torch.optim
     return variants
 
 
-def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: int = 128) -> dict[str, float]:
+def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
     from lowbit.models.vae import vae_loss
 
     torch.set_num_threads(threads)
-    variants = make_variants()
+    variants = make_variants(device=device)
+    images = images.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n = images.shape[0]
     steps = (n + batch_size - 1) // batch_size
     cuts = [round(i * steps / chunks) for i in range(chunks + 1)]
 
     def slice_seconds(model, opt, perm, lo, hi):
         model.train()
+        sync()
         start = time.perf_counter()
         for step in range(lo, hi):
             batch = images.index_select(0, perm[step * batch_size : (step + 1) * batch_size])
@@ -114,16 +122,17 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        sync()
         return time.perf_counter() - start
 
-    warm = torch.randperm(n)
+    warm = torch.randperm(n).to(device)
     for model, opt in variants.values():  # warm-up, and the first-batch initialisation
         slice_seconds(model, opt, warm, 0, min(10, steps))
     times: dict[str, list[float]] = {k: [0.0] * reps for k in variants}
     slices: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for r in range(reps):
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(r))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(r)).to(device)
         for c in range(chunks):
             for name in names if (r * chunks + c) % 2 == 0 else reversed(names):
                 model, opt = variants[name]
@@ -131,7 +140,8 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
                 times[name][r] += t
                 slices[name].append(t)
     base = statistics.median(times["fp32"])
-    print(f"\n{threads} thread(s), {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{threads} thread(s)"
+    print(f"\n{where}, {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
     print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8} {'paired':>8} {'IQR':>13}")
     ratios = {}
     for name, ts in times.items():
@@ -152,12 +162,17 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--chunks", type=int, default=10, help="slices per epoch for interleaving (default 10)")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     images = load_images(args.images)
     from lowbit import kernels
 
     state = "on" if kernels.available() else "off (LOWBIT_KERNELS=0 or no compiler): the PyTorch code"
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs, fused kernels {state}")
+    if args.device != "cpu":
+        print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
+        run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device)
+        return
     for t in args.threads:
         run(t, images, args.reps, args.chunks)
 

@@ -1,0 +1,329 @@
+"""The quantizers on a GPU: the same grids, gradients and results as on the CPU, state that stays
+on the device, and the verbs (calibration_config, fold, save/load, export, fit/evaluate) on a
+GPU-trained model.  Skipped without CUDA.
+
+``LOWBIT_TEST_DEVICE=cpu`` runs these tests with the "device" side on the CPU's tensor path (the
+per-tensor Python-number fast path off), which is what a GPU runs; useful to check the tests
+themselves on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.methods import Quantizer, RangeQuantizer
+from lowbit.models.vae import VAE, vae_loss
+from lowbit.modules import QuantWrapper
+from lowbit.quantize import quantized_layers
+
+DEVICE = torch.device(os.environ.get("LOWBIT_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+
+METHODS = ["qat", "dorefa", "lsq", "ptq"]
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32_matmuls():
+    """Full float32 products on the GPU (no TF32), so CPU and GPU results can be compared."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def config(method: str, granularity: str = "per_tensor", bits: int = 4) -> list[dict]:
+    types = ["weight"] if method == "dorefa" else ["weight", "input"]
+    entry = {"quant_types": types, "quant_bits": bits, "op_types": ["Linear"]}
+    if method != "dorefa":
+        entry["granularity"] = {"weight": granularity}
+    return [entry]
+
+
+def on_device(model: nn.Module) -> nn.Module:
+    """``model`` moved to DEVICE; on the CPU stand-in, with the Python-number fast path off."""
+    model = model.to(DEVICE)
+    if DEVICE.type == "cpu":
+        for m in model.modules():
+            if isinstance(m, RangeQuantizer):
+                m.python_fast_path = False
+    return model
+
+
+def pair(method: str, granularity: str = "per_tensor", bits: int = 4) -> tuple[nn.Module, nn.Module]:
+    """The same VAE quantized on the CPU and on DEVICE (quantized after the move, as a user would)."""
+    torch.manual_seed(0)
+    cpu = VAE()
+    dev = copy.deepcopy(cpu).to(DEVICE)
+    lowbit.quantize(cpu, config(method, granularity, bits), method)
+    lowbit.quantize(dev, config(method, granularity, bits), method)
+    return cpu, on_device(dev)
+
+
+def steps(model: nn.Module, n: int, seed: int = 0) -> list[float]:
+    """``n`` Adam steps on seeded random images (drawn on the CPU: the same on every device)."""
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x = torch.rand(64, 784, generator=g).to(device)
+        eps = torch.randn(64, 20, generator=g).to(device)
+        logits, mu, logvar = model(x, eps)
+        loss = vae_loss(logits, x, mu, logvar).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_on_device(model: nn.Module) -> None:
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t.device.type == DEVICE.type, f"{name} is on {t.device}, not {DEVICE}"
+
+
+def assert_same_grid_values(a: torch.Tensor, b: torch.Tensor, step: torch.Tensor) -> None:
+    """Two fake-quantized tensors agree: equal, except where the two devices' float rounding put a
+    value a hair apart (a tanh, a reduction's order): then one step apart, at rare places."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    diff = (a - b).abs()
+    assert bool((diff <= step.detach().cpu().abs().max() * 1.001 + 1e-7).all()), f"max difference {diff.max().item()}"
+    assert (diff > 1e-7).float().mean().item() <= 2e-3, f"{(diff > 1e-7).sum().item()} of {diff.numel()} values differ"
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("method", METHODS)
+def test_training_on_the_device_matches_the_cpu(method, granularity):
+    if method == "dorefa" and granularity == "per_channel":
+        pytest.skip("DoReFa's weight grid is per layer")
+    cpu, dev = pair(method, granularity)
+    # the same weights: the same quantized weights (up to a tanh's or a mean's last bit)
+    for name, wc in quantized_layers(cpu).items():
+        with torch.no_grad():
+            wq = wc.quantized_weight()
+            assert_same_grid_values(wq, dev.get_submodule(name).quantized_weight(), wc.weight_quantizer.grid().scale)
+    # one forward and backward on the same batch: the same loss and gradients, up to summation order
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.rand(64, 784, generator=g), torch.randn(64, 20, generator=g)
+    losses = []
+    for model, device in ((cpu, "cpu"), (dev, DEVICE)):
+        xx = x.to(device)
+        logits, mu, logvar = model(xx, eps.to(device))
+        loss = vae_loss(logits, xx, mu, logvar).total
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    grads_dev = dict(dev.named_parameters())
+    for name, p in cpu.named_parameters():
+        gc, gd = p.grad, grads_dev[name].grad.cpu()
+        assert gd.shape == gc.shape, name
+        # elementwise, relative to the tensor's largest gradient (a step's gradient is one sum)
+        assert (gd - gc).abs().max() <= 1e-3 * gc.abs().max() + 1e-6, name
+    # training goes on alike (Adam: a weight whose tiny gradient changed sign moves the other way,
+    # so the losses drift apart slowly)
+    cpu.zero_grad(), dev.zero_grad()
+    losses_cpu, losses_dev = steps(cpu, 3), steps(dev, 3)
+    assert_on_device(dev)
+    assert losses_dev == pytest.approx(losses_cpu, rel=2e-3)
+    calib_cpu, calib_dev = lowbit.calibration_config(cpu), lowbit.calibration_config(dev)
+    assert calib_dev.keys() == calib_cpu.keys()
+    for layer, entry in calib_cpu.items():
+        assert calib_dev[layer].keys() == entry.keys()
+        for key, value in entry.items():
+            if not isinstance(value, (float, list)):  # bits, dtypes, granularity: the same
+                assert calib_dev[layer][key] == value, (layer, key)
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq"])
+def test_quantizers_alone_match_the_cpu_bit_for_bit(method):
+    """One quantizer, the same grid on both devices: forward equal; gradients equal (x) or equal
+    up to summation order (LSQ's step)."""
+    torch.manual_seed(1)
+    layer = nn.Linear(300, 50)
+    x = torch.randn(32, 300) * 3
+    cpu = nn.Sequential(copy.deepcopy(layer))
+    dev = nn.Sequential(copy.deepcopy(layer).to(DEVICE))
+    cfg = [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"], "quant_dtype": {"input": "int"}}]
+    lowbit.quantize(cpu, cfg, method)
+    lowbit.quantize(dev, cfg, method)
+    on_device(dev)
+    outs = []
+    for model, xx in ((cpu, x.clone()), (dev, x.to(DEVICE))):
+        xx.requires_grad_(True)
+        model(xx)  # the first batch sets the ranges / initialises the steps
+        q = model[0].input_quantizer
+        y = q(xx)
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape))
+        grads = [xx.grad.cpu()] + [p.grad.cpu() for p in q.parameters() if p.grad is not None]
+        outs.append((y.detach().cpu(), grads, q.grid().scale.cpu()))
+    (yc, gc, sc), (yd, gd, sd) = outs
+    assert torch.equal(sc, sd) if method != "lsq" else torch.allclose(sc, sd, rtol=1e-6)
+    if method != "lsq":
+        assert torch.equal(yc, yd)
+        assert torch.equal(gc[0], gd[0])
+    else:
+        assert_same_grid_values(yc, yd, sc)
+        assert torch.allclose(gc[0], gd[0]) and len(gc) == len(gd) == 2
+        assert gd[1].item() == pytest.approx(gc[1].item(), rel=1e-4)
+
+
+def test_quantize_puts_the_quantizer_state_on_the_models_device():
+    model = VAE().to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    lowbit.quantize(model, config("lsq"), "lsq", optimizer=opt)
+    assert_on_device(model)
+    assert all(p.device.type == DEVICE.type for p in opt.param_groups[-1]["params"])
+    steps(model, 1)
+    assert "LSQ" in str(model) or "lsq" in str(model)
+
+
+def test_a_cpu_quantized_model_moved_to_the_device_and_back_keeps_its_ranges():
+    """Quantize on the CPU, train on the device, go on training on the CPU: QAT's EMA ranges
+    continue across both moves (none restarts from one batch)."""
+    torch.manual_seed(0)
+    model = lowbit.quantize(VAE(), config("qat"), "qat")
+    steps(model, 2)
+    before = lowbit.calibration_config(model)["fc1"]["tracked_max_input"]
+    on_device(model)
+    steps(model, 2, seed=1)
+    model.cpu()
+    for m in model.modules():
+        if isinstance(m, RangeQuantizer):
+            m.python_fast_path = True
+    steps(model, 1, seed=2)
+    after = lowbit.calibration_config(model)["fc1"]["tracked_max_input"]
+    # five EMA updates (decay 0.99) of maxima near 1: within 5% of where it started
+    assert after == pytest.approx(before, rel=0.05)
+
+
+def test_fold_and_calibration_config_of_a_device_model():
+    torch.manual_seed(0)
+    weights_only = [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}]
+    model = on_device(lowbit.quantize(VAE().to(DEVICE), weights_only, "lsq"))
+    steps(model, 2)
+    model.eval()
+    plain = lowbit.fold(model)
+    assert not any(isinstance(m, (QuantWrapper, Quantizer)) for m in plain.modules())
+    assert_on_device(plain)
+    x, eps = torch.rand(16, 784, device=DEVICE), torch.randn(16, 20, device=DEVICE)
+    assert torch.equal(plain(x, eps)[0], model(x, eps)[0])
+    calib = lowbit.calibration_config(model)
+    again = json.loads(json.dumps(calib))
+    fresh = on_device(lowbit.quantize(VAE().to(DEVICE), weights_only, "lsq"))
+    fresh.load_state_dict(model.state_dict())
+    lowbit.load_calibration_config(fresh, again)
+    fresh.eval()
+    assert torch.equal(fresh(x, eps)[0], model(x, eps)[0])
+
+
+def test_save_and_load_a_device_trained_run(tmp_path):
+    from lowbit.checkpoint import load_model, save_run
+
+    torch.manual_seed(0)
+    cfg = config("qat")
+    model = on_device(lowbit.quantize(VAE().to(DEVICE), cfg, "qat"))
+    steps(model, 2)
+    save_run(tmp_path, model, model_spec={"name": "vae", "kwargs": {}}, quant={"method": "qat", "config_list": cfg, "options": {}})
+    loaded = load_model(tmp_path)  # on the CPU: checkpoints hold CPU tensors
+    model.eval()
+    x, eps = torch.rand(16, 784), torch.randn(16, 20)
+    assert torch.allclose(loaded(x, eps)[0], model(x.to(DEVICE), eps.to(DEVICE))[0].cpu(), atol=1e-4)
+    for layer, entry in lowbit.calibration_config(model).items():
+        for key, value in entry.items():
+            assert lowbit.calibration_config(loaded)[layer][key] == value, (layer, key)
+
+
+def test_export_a_device_model_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from lowbit.export import runtime as rt
+    from lowbit.models.vae import eval_eps
+
+    torch.manual_seed(0)
+    model = on_device(lowbit.quantize(VAE().to(DEVICE), config("lsq", bits=8), "lsq"))
+    steps(model, 2)
+    model.eval()
+    path = lowbit.export(model, tmp_path / "m.onnx", format="onnx-int8", vae_graph="eps")
+    assert next(model.parameters()).device.type == DEVICE.type  # the user's model stays where it was
+    x, eps = torch.rand(100, 784), eval_eps(100, 20)
+    out = rt.load_session(path, precision="exact").run(x.numpy(), eps.numpy())
+    with torch.no_grad():
+        sim = [t.cpu() for t in model(x.to(DEVICE), eps.to(DEVICE))]
+
+    def loss(outs) -> float:  # per image, as the study reports it
+        logits, mu, logvar = (torch.as_tensor(o) for o in outs[:3])
+        return vae_loss(logits, x, mu, logvar).total.item() / len(x)
+
+    assert abs(loss(out) - loss(sim)) < 0.01
+
+
+def test_fit_and_evaluate_on_the_device():
+    from lowbit.train import evaluate, fit
+
+    torch.manual_seed(0)
+    images = torch.rand(256, 1, 28, 28)
+    model = on_device(lowbit.quantize(VAE().to(DEVICE), config("qat"), "qat"))
+    result = fit(model, images.to(DEVICE), epochs=2, batch_size=64, progress=False)
+    assert len(result.epoch_losses) == 2 and all(l == l for l in result.epoch_losses)
+    ev_dev = evaluate(model, images.to(DEVICE), iwae_k=4)
+    model.cpu()
+    for m in model.modules():
+        if isinstance(m, RangeQuantizer):
+            m.python_fast_path = True
+    ev_cpu = evaluate(model, images, iwae_k=4)
+    assert ev_dev.loss == pytest.approx(ev_cpu.loss, rel=1e-4)
+    assert ev_dev.iwae == pytest.approx(ev_cpu.iwae, rel=1e-4)
+
+
+def test_conv_model_on_the_device():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 13 * 13, 10))
+    cfg = [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
+            "granularity": {"weight": "per_channel"}}]
+    for method in ["qat", "lsq"]:
+        cpu = copy.deepcopy(net)
+        dev = copy.deepcopy(net).to(DEVICE)
+        lowbit.quantize(cpu, cfg, method)
+        on_device(lowbit.quantize(dev, cfg, method))
+        x = torch.rand(16, 1, 28, 28)
+        yc, yd = cpu(x), dev(x.to(DEVICE))
+        assert torch.allclose(yc, yd.cpu(), atol=1e-3), method
+        yd.logsumexp(1).sum().backward()
+        assert_on_device(dev)
+        assert all(p.grad is not None and p.grad.device.type == DEVICE.type for p in dev.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_steps_never_wait_for_the_gpu(method):
+    """After the first batch (which initialises ranges and steps), a training step queues its work
+    and returns: no quantizer reads a value back to the host (each read stalls the pipeline)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("host synchronisations exist only on an asynchronous device")
+    torch.manual_seed(0)
+    for granularity in ("per_tensor", "per_channel"):
+        if method == "dorefa" and granularity == "per_channel":
+            continue
+        model = VAE().to(DEVICE)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        lowbit.quantize(model, config(method, granularity, 8), method, optimizer=opt)
+        x = torch.rand(64, 784, device=DEVICE)
+        eps = torch.randn(64, 20, device=DEVICE)
+        for i in range(3):
+            if i == 1:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                logits, mu, logvar = model(x, eps)
+                loss = vae_loss(logits, x, mu, logvar).total
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
