@@ -124,8 +124,10 @@ def test_training_on_the_device_matches_the_cpu(method, granularity):
     for name, p in cpu.named_parameters():
         gc, gd = p.grad, grads_dev[name].grad.cpu()
         assert gd.shape == gc.shape, name
-        # elementwise, relative to the tensor's largest gradient (a step's gradient is one sum)
-        assert (gd - gc).abs().max() <= 1e-3 * gc.abs().max() + 1e-6, name
+        # relative to the gradient's norm: summation order, and an activation whose code differs
+        # by one where a learned step's initial mean differs in its last bit (LSQ) move a few
+        # entries, not the gradient
+        assert (gd - gc).norm() <= 2e-3 * gc.norm() + 1e-6, name
     # training goes on alike (Adam: a weight whose tiny gradient changed sign moves the other way,
     # so the losses drift apart slowly)
     cpu.zero_grad(), dev.zero_grad()
@@ -139,6 +141,23 @@ def test_training_on_the_device_matches_the_cpu(method, granularity):
         for key, value in entry.items():
             if not isinstance(value, (float, list)):  # bits, dtypes, granularity: the same
                 assert calib_dev[layer][key] == value, (layer, key)
+
+
+def test_grids_and_fake_quantization_are_the_cpus_bit_for_bit():
+    """Scale and zero point from a range, and the fake-quantized values: the same bits on the device
+    (CUDA's division by a Python number is a multiplication by its reciprocal: lowbit avoids it)."""
+    from lowbit.fake_quant import affine_qparams, fake_quantize
+
+    g = torch.Generator().manual_seed(0)
+    lo, hi = -torch.rand(4096, generator=g) * 7, torch.rand(4096, generator=g) * 13
+    for qmin, qmax, symmetric in ((-128, 127, False), (0, 255, False), (-127, 127, True), (-8, 7, False)):
+        sc, zc = affine_qparams(lo, hi, qmin, qmax, symmetric)
+        sd, zd = affine_qparams(lo.to(DEVICE), hi.to(DEVICE), qmin, qmax, symmetric)
+        assert torch.equal(sc, sd.cpu()) and torch.equal(zc, zd.cpu()), (qmin, qmax, symmetric)
+        x = torch.randn(4096, 64, generator=g) * 5
+        yc = fake_quantize(x, sc, zc, qmin, qmax, axis=0)
+        yd = fake_quantize(x.to(DEVICE), sd, zd, qmin, qmax, axis=0)
+        assert torch.equal(yc, yd.cpu()), (qmin, qmax, symmetric)
 
 
 @pytest.mark.parametrize("method", ["qat", "ptq", "lsq"])
