@@ -4,6 +4,7 @@ by the fp32 epoch, measured side by side in one process.
     python benchmarks/quant_overhead.py            # full epochs (60k MNIST images), 3 repetitions
     python benchmarks/quant_overhead.py --images 12800 --reps 5   # quicker
     python benchmarks/quant_overhead.py --device cuda              # on a GPU (threads do not apply)
+    python benchmarks/quant_overhead.py --device cuda --cuda-graph # each step replayed as one CUDA graph
 
 Variants: fp32, then W8A8 (weight and input quantized to 8 bits) with each method on the study's
 layers (fc1, fc21, fc22, fc3) and on all five Linear layers, each with its own Adam optimizer
@@ -61,12 +62,16 @@ class InputGrad(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor):
-        return self.model(x.detach().requires_grad_())
+    def forward(self, x: torch.Tensor, *rest):
+        return self.model(x.detach().requires_grad_(), *rest)
 
 
-def make_variants(seed: int = 0, device: str = "cpu") -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     from lowbit.train import make_optimizer
+
+    if capturable:  # Adam whose step count lives on the GPU, so a CUDA graph can replay its steps
+        def make_optimizer(model):  # noqa: F811
+            return torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
 
     variants = {}
     torch.manual_seed(seed)
@@ -100,9 +105,84 @@ def make_variants(seed: int = 0, device: str = "cpu") -> dict[str, tuple[torch.n
     return variants
 
 
-def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
+def eager_step(model, opt, batch, eps=None) -> torch.Tensor:
     from lowbit.models.vae import vae_loss
 
+    logits, mu, logvar = model(batch) if eps is None else model(batch, eps)
+    loss = vae_loss(logits, batch, mu, logvar).total
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def graph_step(model, opt, first: torch.Tensor):
+    """The training step captured once as a CUDA graph (after warm-up steps on a side stream, which
+    also initialise the quantizers); returns ``step(batch)`` that copies the batch in, draws the
+    VAE's noise into a fixed buffer (outside the graph) and replays."""
+    from lowbit.models.vae import vae_loss
+
+    static = first.clone()
+    eps = torch.randn(first.shape[0], 20, device=first.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager_step(model, opt, static, eps)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's pool
+    with torch.cuda.graph(graph):
+        logits, mu, logvar = model(static, eps)
+        vae_loss(logits, static, mu, logvar).total.backward()
+        opt.step()
+
+    def step(batch: torch.Tensor) -> None:
+        static.copy_(batch)
+        eps.normal_()
+        graph.replay()
+
+    return step
+
+
+def run_graphs(images: torch.Tensor, reps: int, batch_size: int = 128, device: str = "cuda") -> dict[str, float]:
+    """Each variant's step as one CUDA graph replay: variants one after another (one graph alive at
+    a time), fp32 timed first and last; the figure is the median epoch over the mean of fp32's."""
+    variants = make_variants(device=device, capturable=True)
+    images = images.to(device)
+    steps = images.shape[0] // batch_size  # a graph replays fixed shapes: whole batches only
+    times: dict[str, list[float]] = {}
+    for name in [*variants, "fp32"]:
+        model, opt = variants[name]
+        model.train()
+        step_fn = graph_step(model, opt, images[:batch_size])
+        for r in range(-1, reps):  # one warm-up epoch
+            perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(max(r, 0))).to(device)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for step in range(steps):
+                step_fn(images.index_select(0, perm[step * batch_size : (step + 1) * batch_size]))
+            torch.cuda.synchronize()
+            if r >= 0:
+                times.setdefault(name, []).append(time.perf_counter() - start)
+        del step_fn
+        torch.cuda.synchronize()
+    fp32 = times["fp32"]
+    base = (statistics.median(fp32[:reps]) + statistics.median(fp32[reps:])) / 2
+    print(f"\n{torch.cuda.get_device_name(device)}, each step one CUDA graph replay, {steps * batch_size} images "
+          f"per epoch, median of {reps} epochs per variant (fp32 first and last: {statistics.median(fp32[:reps]):.3f} s, "
+          f"{statistics.median(fp32[reps:]):.3f} s)")
+    print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8}")
+    ratios = {}
+    for name, ts in times.items():
+        med = statistics.median(ts if name != "fp32" else fp32[:reps])
+        ratios[name] = med / base
+        flag = "" if name.startswith("fp32") or med / base <= 1.15 else "  > 1.15"
+        print(f"{name:<24} {med:9.4f} {med / base:8.3f}{flag}")
+    return ratios
+
+
+def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
     torch.set_num_threads(threads)
     variants = make_variants(device=device)
     images = images.to(device)
@@ -110,24 +190,21 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
     n = images.shape[0]
     steps = (n + batch_size - 1) // batch_size
     cuts = [round(i * steps / chunks) for i in range(chunks + 1)]
-
-    def slice_seconds(model, opt, perm, lo, hi):
+    for name, (model, opt) in variants.items():
         model.train()
+        variants[name] = (model, lambda batch, m=model, o=opt: eager_step(m, o, batch))
+
+    def slice_seconds(model, step_fn, perm, lo, hi):
         sync()
         start = time.perf_counter()
         for step in range(lo, hi):
-            batch = images.index_select(0, perm[step * batch_size : (step + 1) * batch_size])
-            logits, mu, logvar = model(batch)
-            loss = vae_loss(logits, batch, mu, logvar).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            step_fn(images.index_select(0, perm[step * batch_size : (step + 1) * batch_size]))
         sync()
         return time.perf_counter() - start
 
     warm = torch.randperm(n).to(device)
-    for model, opt in variants.values():  # warm-up, and the first-batch initialisation
-        slice_seconds(model, opt, warm, 0, min(10, steps))
+    for model, step_fn in variants.values():  # warm-up, and the first-batch initialisation
+        slice_seconds(model, step_fn, warm, 0, min(10, steps))
     times: dict[str, list[float]] = {k: [0.0] * reps for k in variants}
     slices: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
@@ -135,8 +212,8 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(r)).to(device)
         for c in range(chunks):
             for name in names if (r * chunks + c) % 2 == 0 else reversed(names):
-                model, opt = variants[name]
-                t = slice_seconds(model, opt, perm, cuts[c], cuts[c + 1])
+                model, step_fn = variants[name]
+                t = slice_seconds(model, step_fn, perm, cuts[c], cuts[c + 1])
                 times[name][r] += t
                 slices[name].append(t)
     base = statistics.median(times["fp32"])
@@ -163,6 +240,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=10, help="slices per epoch for interleaving (default 10)")
     parser.add_argument("--threads", type=int, nargs="*", default=[1, 2])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="with --device cuda: capture each variant's training step as a CUDA graph and replay it")
     args = parser.parse_args()
     images = load_images(args.images)
     from lowbit import kernels
@@ -171,7 +250,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs, fused kernels {state}")
     if args.device != "cpu":
         print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
-        run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device)
+        if args.cuda_graph:
+            run_graphs(images, args.reps, device=args.device)
+        else:
+            run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device)
         return
     for t in args.threads:
         run(t, images, args.reps, args.chunks)

@@ -126,8 +126,10 @@ def test_training_on_the_device_matches_the_cpu(method, granularity):
         assert gd.shape == gc.shape, name
         # relative to the gradient's norm: summation order, and an activation whose code differs
         # by one where a learned step's initial mean differs in its last bit (LSQ) move a few
-        # entries, not the gradient
-        assert (gd - gc).norm() <= 2e-3 * gc.norm() + 1e-6, name
+        # entries, not the gradient.  A step's gradient is one sum over a whole tensor or channel
+        # of terms that such a code moves by a whole step: 5% there (seen: 1% on an H200)
+        tol = 5e-2 if "quantizer" in name else 2e-3
+        assert (gd - gc).norm() <= tol * gc.norm() + 1e-6, name
     # training goes on alike (Adam: a weight whose tiny gradient changed sign moves the other way,
     # so the losses drift apart slowly)
     cpu.zero_grad(), dev.zero_grad()
@@ -346,3 +348,65 @@ def test_training_steps_never_wait_for_the_gpu(method):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_training_step_captured_as_a_cuda_graph_replays_like_eager(method):
+    """After warm-up (which initialises ranges and steps), a whole training step — quantizers,
+    backward, Adam — can be captured once and replayed: the launch overhead of many small kernels
+    goes, and replays give eager training's losses and quantizer states."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(64, 784, generator=g).to(DEVICE), torch.randn(64, 20, generator=g).to(DEVICE)) for _ in range(8)]
+
+    def build():
+        torch.manual_seed(0)
+        model = VAE().to(DEVICE)
+        opt = torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
+        lowbit.quantize(model, config(method, "per_tensor", 8), method, optimizer=opt)
+        return model, opt
+
+    def loss_of(model, x, eps):
+        logits, mu, logvar = model(x, eps)
+        return vae_loss(logits, x, mu, logvar).total
+
+    eager, opt = build()
+    eager_losses = []
+    for x, eps in data:
+        loss = loss_of(eager, x, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        eager_losses.append(loss.item())
+
+    model, opt = build()
+    sx, se = data[0][0].clone(), data[0][1].clone()
+    losses = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, eps in data[:3]:
+            sx.copy_(x), se.copy_(eps)
+            loss = loss_of(model, sx, se)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    del loss  # (its autograd graph would keep the warm-up's gradient accumulators alive)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = loss_of(model, sx, se)
+        static_loss.backward()
+        opt.step()
+    for x, eps in data[3:]:
+        sx.copy_(x), se.copy_(eps)
+        graph.replay()
+        losses.append(static_loss.item())
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    a, b = lowbit.calibration_config(eager), lowbit.calibration_config(model)
+    for layer, entry in a.items():
+        for key, value in entry.items():
+            assert b[layer][key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), (layer, key)
