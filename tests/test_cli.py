@@ -33,6 +33,18 @@ def test_bad_arguments_are_refused_with_a_reason(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_an_unusable_device_is_refused_before_anything_runs(command, tmp_path, capsys):
+    import torch
+
+    bad = ["tpu", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        assert main([command, "--device", device, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert f"device {device!r}" in err and ("cpu" in err or "cuda:0" in err), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_unwritable_output_is_a_clear_error(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -410,3 +410,31 @@ def test_a_training_step_captured_as_a_cuda_graph_replays_like_eager(method):
     for layer, entry in a.items():
         for key, value in entry.items():
             assert b[layer][key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), (layer, key)
+
+
+def test_a_run_trains_and_evaluates_on_the_device(tmp_path):
+    """``lowbit train/study --device cuda``: run_experiment moves the model and data there, saves a
+    checkpoint that loads on the CPU, and reaches the CPU run's losses (last bits apart)."""
+    from lowbit.checkpoint import load_model
+    from lowbit.experiment import RunSpec, run_experiment
+    from lowbit.train import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.rand(512, 1, 28, 28, generator=g), torch.rand(256, 1, 28, 28, generator=g)
+    records = []
+    for i, device in enumerate(("cpu", str(DEVICE))):
+        base = RunSpec(name="fp32", epochs=1, batch_size=64, iwae_k=4, device=device)
+        run_experiment(base, train, test, tmp_path / f"fp32-{i}", progress=False)
+        spec = RunSpec(name="lsq", epochs=1, batch_size=64, iwae_k=4, device=device, method="lsq",
+                       config_list=config("lsq"))
+        records.append(run_experiment(spec, train, test, tmp_path / f"lsq-{i}", init=tmp_path / f"fp32-{i}",
+                                      progress=False))
+    cpu, dev = records
+    assert dev["spec"]["device"] == str(DEVICE)
+    if DEVICE.type != "cpu":
+        assert dev["key"] != cpu["key"]  # a study never takes one device's run for the other's
+    assert dev["before"]["loss"] == pytest.approx(cpu["before"]["loss"], rel=1e-3)
+    assert dev["after"]["loss"] == pytest.approx(cpu["after"]["loss"], rel=1e-3)
+    loaded = load_model(tmp_path / "lsq-1")  # checkpoints hold CPU tensors
+    assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
+    assert evaluate(loaded, test, iwae_k=0).loss == pytest.approx(dev["after"]["loss"], rel=1e-4)

@@ -130,7 +130,7 @@ def save_run(
     from . import __version__
 
     run_dir = ensure_dir(run_dir)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / WEIGHTS, save(state))
     if quant:
         from .methods import get_method
@@ -186,7 +186,7 @@ def save_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer)
     for idx, st in sd["state"].items():
         for name, value in st.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().clone()
+                tensors[f"{idx}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
     header = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars)}

@@ -70,6 +70,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where runs train and evaluate: cpu (default), cuda or cuda:N (results differ from the CPU's "
+                        "in the last bits; a study's finished runs are only reused on the same device)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a JSON file or a JSON string (default C0)")
     _add_option_arg(t, "for every config entry")
     _add_data_args(t)
+    _add_device_arg(t)
 
     s = sub.add_parser("study", help="run the reference study (and more) and write a report",
                        description="Run the reference study: an fp32 baseline per seed, each method x bit "
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iwae-k", type=int, default=None, help="IWAE samples (default 64; --quick 8)")
     _add_option_arg(s, "(each goes to the methods that accept it)")
     _add_data_args(s)
+    _add_device_arg(s)
 
     e = sub.add_parser("export", help="export a quantized run to ONNX with real integer weights",
                        description="Write a QDQ ONNX model (int8, or packed int4 weights) that ONNX Runtime "
@@ -161,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--option needs --method (qat, dorefa, lsq or ptq)")
     spec = RunSpec(name=args.out.name, epochs=args.epochs, method=args.method, config_list=config,
                    options=dict(args.option), seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                   iwae_k=args.iwae_k, dataset=args.dataset)
+                   iwae_k=args.iwae_k, dataset=args.dataset, device=args.device)
     from .checkpoint import ensure_dir
 
     ensure_dir(args.out)

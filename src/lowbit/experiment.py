@@ -45,8 +45,10 @@ class RunSpec:
     calib_batches: int = 8  # PTQ: batches of training data used to calibrate
     model: dict = field(default_factory=lambda: {"name": "vae", "kwargs": {}})
     dataset: str = "mnist"
+    device: str = "cpu"  # where the run trains and evaluates ("cuda", "cuda:1", ...)
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.method is None and self.config_list:
             raise ValueError(f"run {self.name}: a config list needs a method")
         if self.method is not None and not self.config_list:
@@ -123,6 +125,25 @@ def _metrics(result: EvalResult, seconds: float) -> dict[str, Any]:
     return {**result.to_dict(), "eval_seconds_median3": seconds}
 
 
+def check_device(device: str) -> str:
+    """``device`` if runs can use it; else a ValueError that says why and what to use instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device ({e}); use 'cpu' or 'cuda'") from None
+    if dev.type == "cpu":
+        return device
+    if dev.type != "cuda":
+        raise ValueError(f"device {device!r}: lowbit trains on 'cpu' or 'cuda' devices")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA device (torch.cuda.is_available() is False, "
+                         f"torch {torch.__version__}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. "
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
 def run_experiment(
     spec: RunSpec,
     train_images: torch.Tensor,
@@ -147,11 +168,14 @@ def run_experiment(
         the record written to ``out_dir/result.json``.
     """
     out_dir = Path(out_dir)
-    torch.manual_seed(spec.seed)  # the model's initialisation is part of the run's seed
+    device = torch.device(check_device(spec.device))
+    train_images, test_images = train_images.to(device), test_images.to(device)
+    torch.manual_seed(spec.seed)  # the model's initialisation is part of the run's seed (drawn on the CPU)
     model = build_model(spec.model["name"], **spec.model.get("kwargs", {}))
     if init is not None:
         state, _ = load_state(init)
         model.load_state_dict(state)
+    model.to(device)  # before quantizing: the quantizers' state is made on the model's device
     optimizer = make_optimizer(model, spec.lr)
     if init is not None:
         load_optimizer(init, optimizer)
@@ -206,6 +230,6 @@ def _calibrate(model: nn.Module, images: torch.Tensor, spec: RunSpec) -> None:
     from .quantize import calibrate
 
     g = torch.Generator().manual_seed(spec.seed)
-    idx = torch.randperm(images.shape[0], generator=g)[: spec.calib_batches * spec.batch_size]
+    idx = torch.randperm(images.shape[0], generator=g)[: spec.calib_batches * spec.batch_size].to(images.device)
     calibrate(model, (images.index_select(0, idx[i : i + spec.batch_size]) for i in range(0, idx.numel(), spec.batch_size)))
     model.eval()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, ensure_dir, read_json, write_json
-from .experiment import RECORD, RunSpec, machine_info, run_experiment
+from .experiment import RECORD, RunSpec, check_device, machine_info, run_experiment
 from .methods import get_method
 from .presets import REFERENCE, reference_config
 
@@ -45,8 +45,10 @@ class StudyConfig:
     data_dir: Path | None = None
     progress: bool = True
     extra_options: dict = field(default_factory=dict)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
@@ -98,6 +100,7 @@ class StudyConfig:
             data_dir=args.data_dir,
             progress=not args.no_progress,
             extra_options=dict(getattr(args, "option", None) or []),
+            device=getattr(args, "device", None) or "cpu",
         )
 
 
@@ -129,7 +132,7 @@ def _options_for(method: str, cfg: StudyConfig) -> dict:
 def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
     """The study's runs in execution order (each baseline before the runs that start from it)."""
     plan: list[PlannedRun] = []
-    common = dict(iwae_k=cfg.iwae_k, dataset=cfg.dataset)
+    common = dict(iwae_k=cfg.iwae_k, dataset=cfg.dataset, device=cfg.device)
     for seed in range(cfg.seeds):
         prefix = f"seed{seed}"
 
