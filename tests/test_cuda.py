@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import lowbit
+from helpers import train_vae
 from lowbit.methods import Quantizer, RangeQuantizer
 from lowbit.models.vae import VAE, vae_loss
 from lowbit.modules import QuantWrapper
@@ -67,21 +68,8 @@ def pair(method: str, granularity: str = "per_tensor", bits: int = 4) -> tuple[n
 
 
 def steps(model: nn.Module, n: int, seed: int = 0) -> list[float]:
-    """``n`` Adam steps on seeded random images (drawn on the CPU: the same on every device)."""
-    device = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(n):
-        x = torch.rand(64, 784, generator=g).to(device)
-        eps = torch.randn(64, 20, generator=g).to(device)
-        logits, mu, logvar = model(x, eps)
-        loss = vae_loss(logits, x, mu, logvar).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    """``n`` Adam steps on seeded random images and noise (drawn on the CPU: the same on every device)."""
+    return train_vae(model, steps=n, seed=seed, batch=64, seeded_eps=True)
 
 
 def assert_on_device(model: nn.Module) -> None:
