@@ -142,49 +142,28 @@ def graph_step(model, opt, first: torch.Tensor):
         eps.normal_()
         graph.replay()
 
+    # a graph holds no references to the tensors it uses: without these, an optimizer dropped by the
+    # caller would free its state while the graph still updates it (then an illegal memory access)
+    step.keep = (graph, model, opt)
     return step
 
 
-def run_graphs(images: torch.Tensor, reps: int, batch_size: int = 128, device: str = "cuda") -> dict[str, float]:
-    """Each variant's step as one CUDA graph replay: variants one after another (one graph alive at
-    a time), fp32 timed first and last; the figure is the median epoch over the mean of fp32's."""
-    variants = make_variants(device=device, capturable=True)
-    images = images.to(device)
-    steps = images.shape[0] // batch_size  # a graph replays fixed shapes: whole batches only
-    times: dict[str, list[float]] = {}
-    for name in [*variants, "fp32"]:
-        model, opt = variants[name]
-        model.train()
-        step_fn = graph_step(model, opt, images[:batch_size])
-        for r in range(-1, reps):  # one warm-up epoch
-            perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(max(r, 0))).to(device)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for step in range(steps):
-                step_fn(images.index_select(0, perm[step * batch_size : (step + 1) * batch_size]))
-            torch.cuda.synchronize()
-            if r >= 0:
-                times.setdefault(name, []).append(time.perf_counter() - start)
-        del step_fn
-        torch.cuda.synchronize()
-    fp32 = times["fp32"]
-    base = (statistics.median(fp32[:reps]) + statistics.median(fp32[reps:])) / 2
-    print(f"\n{torch.cuda.get_device_name(device)}, each step one CUDA graph replay, {steps * batch_size} images "
-          f"per epoch, median of {reps} epochs per variant (fp32 first and last: {statistics.median(fp32[:reps]):.3f} s, "
-          f"{statistics.median(fp32[reps:]):.3f} s)")
-    print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8}")
-    ratios = {}
-    for name, ts in times.items():
-        med = statistics.median(ts if name != "fp32" else fp32[:reps])
-        ratios[name] = med / base
-        flag = "" if name.startswith("fp32") or med / base <= 1.15 else "  > 1.15"
-        print(f"{name:<24} {med:9.4f} {med / base:8.3f}{flag}")
-    return ratios
-
-
-def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: int = 128, device: str = "cpu") -> dict[str, float]:
+def run(
+    threads: int,
+    images: torch.Tensor,
+    reps: int,
+    chunks: int,
+    batch_size: int = 128,
+    device: str = "cpu",
+    cuda_graph: bool = False,
+) -> dict[str, float]:
+    """Time every variant's epochs, interleaved slice by slice; print and return epoch / fp32.
+    ``cuda_graph``: every variant's step is captured as a CUDA graph first (all graphs alive at
+    once), then replayed (whole batches only: a graph replays fixed shapes)."""
     torch.set_num_threads(threads)
-    variants = make_variants(device=device)
+    variants = make_variants(device=device, capturable=cuda_graph)
+    if cuda_graph:
+        images = images[: images.shape[0] // batch_size * batch_size]
     images = images.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n = images.shape[0]
@@ -192,7 +171,10 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
     cuts = [round(i * steps / chunks) for i in range(chunks + 1)]
     for name, (model, opt) in variants.items():
         model.train()
-        variants[name] = (model, lambda batch, m=model, o=opt: eager_step(m, o, batch))
+        if cuda_graph:
+            variants[name] = (model, graph_step(model, opt, images[:batch_size]))
+        else:
+            variants[name] = (model, lambda batch, m=model, o=opt: eager_step(m, o, batch))
 
     def slice_seconds(model, step_fn, perm, lo, hi):
         sync()
@@ -218,6 +200,8 @@ def run(threads: int, images: torch.Tensor, reps: int, chunks: int, batch_size: 
                 slices[name].append(t)
     base = statistics.median(times["fp32"])
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{threads} thread(s)"
+    if cuda_graph:
+        where += ", each step one CUDA graph replay"
     print(f"\n{where}, {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
     print(f"{'variant':<24} {'epoch s':>9} {'/ fp32':>8} {'paired':>8} {'IQR':>13}")
     ratios = {}
@@ -243,6 +227,8 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true",
                         help="with --device cuda: capture each variant's training step as a CUDA graph and replay it")
     args = parser.parse_args()
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error("--cuda-graph needs --device cuda")
     images = load_images(args.images)
     from lowbit import kernels
 
@@ -250,10 +236,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs, fused kernels {state}")
     if args.device != "cpu":
         print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
-        if args.cuda_graph:
-            run_graphs(images, args.reps, device=args.device)
-        else:
-            run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device)
+        run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device, cuda_graph=args.cuda_graph)
         return
     for t in args.threads:
         run(t, images, args.reps, args.chunks)

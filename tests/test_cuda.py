@@ -338,45 +338,47 @@ def test_training_steps_never_wait_for_the_gpu(method):
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_training_step_captured_as_a_cuda_graph_replays_like_eager(method):
-    """After warm-up (which initialises ranges and steps), a whole training step — quantizers,
-    backward, Adam — can be captured once and replayed: the launch overhead of many small kernels
-    goes, and replays give eager training's losses and quantizer states."""
-    if DEVICE.type != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.rand(64, 784, generator=g).to(DEVICE), torch.randn(64, 20, generator=g).to(DEVICE)) for _ in range(8)]
+def _graph_data(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(64, 784, generator=g).to(DEVICE), torch.randn(64, 20, generator=g).to(DEVICE)) for _ in range(8)]
 
-    def build():
-        torch.manual_seed(0)
-        model = VAE().to(DEVICE)
-        opt = torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
-        lowbit.quantize(model, config(method, "per_tensor", 8), method, optimizer=opt)
-        return model, opt
 
-    def loss_of(model, x, eps):
-        logits, mu, logvar = model(x, eps)
-        return vae_loss(logits, x, mu, logvar).total
+def _graph_model(method: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = VAE().to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
+    lowbit.quantize(model, config(method, "per_tensor", 8), method, optimizer=opt)
+    return model, opt
 
-    eager, opt = build()
-    eager_losses = []
+
+def _graph_loss(model: nn.Module, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    logits, mu, logvar = model(x, eps)
+    return vae_loss(logits, x, mu, logvar).total
+
+
+def _eager_losses(method: str, data) -> tuple[nn.Module, list[float]]:
+    model, opt = _graph_model(method)
+    losses = []
     for x, eps in data:
-        loss = loss_of(eager, x, eps)
+        loss = _graph_loss(model, x, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        eager_losses.append(loss.item())
+        losses.append(loss.item())
+    return model, losses
 
-    model, opt = build()
+
+def _captured_step(model: nn.Module, opt: torch.optim.Optimizer, data, warmup: int = 3):
+    """Warm-up steps on a side stream (they initialise ranges and steps), then the whole training
+    step captured once; returns ``(replay, warm-up losses)`` with ``replay(x, eps) -> loss``."""
     sx, se = data[0][0].clone(), data[0][1].clone()
     losses = []
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for x, eps in data[:3]:
+        for x, eps in data[:warmup]:
             sx.copy_(x), se.copy_(eps)
-            loss = loss_of(model, sx, se)
+            loss = _graph_loss(model, sx, se)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -386,18 +388,65 @@ def test_a_training_step_captured_as_a_cuda_graph_replays_like_eager(method):
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
     with torch.cuda.graph(graph):
-        static_loss = loss_of(model, sx, se)
+        static_loss = _graph_loss(model, sx, se)
         static_loss.backward()
         opt.step()
-    for x, eps in data[3:]:
+
+    def replay(x: torch.Tensor, eps: torch.Tensor) -> float:
         sx.copy_(x), se.copy_(eps)
         graph.replay()
-        losses.append(static_loss.item())
-    assert losses == pytest.approx(eager_losses, rel=1e-5)
-    a, b = lowbit.calibration_config(eager), lowbit.calibration_config(model)
-    for layer, entry in a.items():
+        return static_loss.item()
+
+    # a graph holds no references to the tensors it reads and writes: the function keeps the graph,
+    # the model and the optimizer (whose state the graph updates) alive
+    replay.keep = (graph, model, opt)
+    return replay, losses
+
+
+def _assert_same_calibration(a: nn.Module, b: nn.Module) -> None:
+    ca, cb = lowbit.calibration_config(a), lowbit.calibration_config(b)
+    for layer, entry in ca.items():
         for key, value in entry.items():
-            assert b[layer][key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), (layer, key)
+            assert cb[layer][key] == (pytest.approx(value, rel=1e-4) if isinstance(value, float) else value), (layer, key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_training_step_captured_as_a_cuda_graph_replays_like_eager(method):
+    """After warm-up (which initialises ranges and steps), a whole training step — quantizers,
+    backward, Adam — can be captured once and replayed: the launch overhead of many small kernels
+    goes, and replays give eager training's losses and quantizer states."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    data = _graph_data()
+    eager, eager_losses = _eager_losses(method, data)
+    model, opt = _graph_model(method)
+    replay, losses = _captured_step(model, opt, data)
+    losses += [replay(x, eps) for x, eps in data[3:]]
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    _assert_same_calibration(eager, model)
+
+
+def test_several_models_captured_as_cuda_graphs_replay_in_turn():
+    """One graph per quantized model, all captured before any replays (as a benchmark or a
+    train-several-models loop holds them), replayed in turn: each replays its own eager training.
+    (A graph keeps no reference to the tensors it uses: an optimizer dropped after capture frees
+    its state, which the next model's allocations reuse — NaN losses, or an illegal memory access.
+    ``_captured_step`` keeps model and optimizer with the replay function.)"""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    data = _graph_data(1)
+    models, replays, losses = {}, {}, {}
+    for method in METHODS:  # (each optimizer lives on only in its replay function)
+        models[method], opt = _graph_model(method)
+        replays[method], losses[method] = _captured_step(models[method], opt, data)
+    del opt
+    for x, eps in data[3:]:
+        for method in METHODS:
+            losses[method].append(replays[method](x, eps))
+    for method in METHODS:
+        eager, eager_losses = _eager_losses(method, data)
+        assert losses[method] == pytest.approx(eager_losses, rel=1e-5), method
+        _assert_same_calibration(eager, models[method])
 
 
 def test_a_run_trains_and_evaluates_on_the_device(tmp_path):
