@@ -89,6 +89,22 @@ def test_outputs_json_markdown_rich(result):
     assert bench.ORT_INT4 in out and "GPU:" in out
 
 
+def test_the_printed_tables_fit_a_log_80_columns_wide(result):
+    """A pipe or CI log gets 80 columns: every row's name and every figure stays readable (one
+    table of eleven columns squeezed the names to nothing there)."""
+    from rich.console import Console
+
+    buf = io.StringIO()
+    result.print(Console(file=buf, width=80))
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = " ".join(" ".join(line.split()) for line in lines)
+    for r in result.rows:
+        assert r.name.split(",")[0] in text, r.name
+        for cell in result.table_rows()[result.rows.index(r)][1:11]:
+            assert cell in text, (r.name, cell)
+
+
 def test_gpu_path_reports_why_it_skipped(result):
     if torch.cuda.is_available():
         assert any(r.device == "cuda" for r in result.rows)

@@ -475,3 +475,29 @@ def test_a_run_trains_and_evaluates_on_the_device(tmp_path):
     loaded = load_model(tmp_path / "lsq-1")  # checkpoints hold CPU tensors
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     assert evaluate(loaded, test, iwae_k=0).loss == pytest.approx(dev["after"]["loss"], rel=1e-4)
+
+
+def test_the_deployment_bench_adds_gpu_rows_with_the_cpu_losses():
+    """``lowbit bench`` on a CUDA machine: an fp32 torch row on the GPU (and ONNX Runtime CUDA /
+    TensorRT rows where those providers are installed) whose test losses equal the CPU rows'."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the bench's GPU rows need a CUDA device")
+    from lowbit import bench
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(256, 1, 28, 28, generator=g)
+    torch.manual_seed(0)
+    model = VAE()
+    lowbit.quantize(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "ptq")
+    lowbit.calibrate(model, [images.reshape(256, -1)], forward=lambda m, b: m(b, torch.zeros(len(b), m.latent)))
+    result = bench.bench_model(model.eval(), images, batch_size=128, repeats=1, latency_iters=3, native_int4=False)
+    assert next(model.parameters()).device.type == "cpu"  # the caller's model stays where it was
+    gpu = [r for r in result.rows if r.device == "cuda"]
+    assert gpu and gpu[0].name == "fp32 torch eager (CUDA)", result.gpu
+    assert gpu[0].loss == pytest.approx(result.row(bench.EAGER).loss, rel=1e-5)
+    assert gpu[0].throughput > 0 and gpu[0].latency_ms > 0
+    on_cpu = {"fp32": result.row(bench.ORT_FP32), "int8": result.row(bench.ORT_INT8)}
+    for row in gpu[1:]:  # ONNX Runtime's GPU providers, when installed: the same files, the same losses
+        if row.skipped is None:
+            assert row.loss == pytest.approx(on_cpu[row.name.split(" ")[0]].loss, abs=0.02), row.name
+    assert "CUDA:" in result.gpu["status"]

@@ -54,7 +54,25 @@ def test_terminal_table_shows_the_reference_figure(capsys):
     losses = {"fp32-baseline": [105.0], "fp32-control": [104.0], "lsq-w4": [106.7]}
     print_summary_table(summarize(cfg, plan_runs(cfg), _records(cfg, losses)), Console(width=200))
     out = capsys.readouterr().out
-    assert "reference (NNI)" in out and "108.04" in out
+    assert "NNI study" in out and "108.04" in out
+
+
+def test_terminal_table_keeps_run_names_whole_in_80_columns(capsys):
+    """A log is 80 columns wide: the headers wrap, the run names and figures stay whole."""
+    from rich.console import Console
+
+    from lowbit.report import print_summary_table
+
+    cfg = StudyConfig(methods=("qat", "dorefa", "lsq"), bits=(8, 4), seeds=3, deploy=False, ptq=True)
+    cells = [r.folder.split("/", 1)[1] for r in plan_runs(cfg)]
+    losses = {name: [104.0 + i / 7, 104.1 + i / 7, 104.3 + i / 7] for i, name in enumerate(dict.fromkeys(cells))}
+    print_summary_table(summarize(cfg, plan_runs(cfg), _records(cfg, losses)), Console(width=80))
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    table = [line.split() for line in lines]
+    for name in ("fp32-baseline", "fp32-control", "dorefa-w8", "ptq-w4"):
+        row = next(words for words in table if words and words[0] == name)  # the name whole, first
+        assert "…" not in " ".join(row)
 
 
 def test_same_configs_are_not_flagged():

@@ -223,17 +223,22 @@ class BenchResult:
         from rich.console import Console
         from rich.table import Table
 
+        from rich import box
+
         console = console or Console()
-        t = Table(title=f"lowbit bench — {self.source.get('run_dir', 'model')}", show_lines=False)
         head = self._headers()
-        for i, h in enumerate(head[:-1]):
-            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
-        notes = []
-        for row in self.table_rows():
-            t.add_row(*row[:-1])
-            if row[-1] and row[-1] != "—":
-                notes.append(f"{row[0]}: {row[-1]}")
-        console.print(t)
+        rows = self.table_rows()
+        # two narrower tables rather than one of eleven columns, which a terminal (or a log, 80
+        # columns) squeezes until the row names vanish
+        for title, cols in (("loss and size", (1, 2, 8, 9, 10)), ("speed", (3, 4, 5, 6, 7))):
+            t = Table(title=f"lowbit bench — {self.source.get('run_dir', 'model')}: {title}", box=box.SIMPLE_HEAD)
+            t.add_column(head[0], min_width=18, ratio=1)
+            for i in cols:
+                t.add_column(head[i], justify="right", no_wrap=True)
+            for row in rows:
+                t.add_row(row[0], *(row[i] for i in cols))
+            console.print(t)
+        notes = [f"{row[0]}: {row[-1]}" for row in rows if row[-1] and row[-1] != "—"]
         for n in notes:
             console.print(f"  {n}", highlight=False)
         m = self.machine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -193,10 +194,12 @@ def _diff(stats: dict | None) -> str:
 def print_summary_table(summary: dict, console: Console | None = None) -> None:
     """The terminal's closing table: each cell's loss, IWAE and difference to the fp32 control."""
     console = console or Console()
-    table = Table(title=f"lowbit study ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''})")
-    for col in ("run", "bits", "test loss", "IWAE NLL", "Δ vs fp32 control", "Δ vs its fp32 start",
-                "reference (NNI)"):
-        table.add_column(col, justify="right" if col != "run" else "left")
+    table = Table(title=f"lowbit study ({summary['seeds']} seed{'s' if summary['seeds'] > 1 else ''})",
+                  box=box.SIMPLE_HEAD)
+    # the run names are kept whole (an 80-column log would cut them); the headers wrap instead
+    table.add_column("run", no_wrap=True)
+    for col in ("bits", "test loss", "IWAE NLL", "Δ vs fp32 control", "Δ vs its fp32 start", "NNI study"):
+        table.add_column(col, justify="right")
     for c in summary["cells"]:
         table.add_row(c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
                       _diff(c.get("vs_start")), fmt(c.get("reference")))
