@@ -5,6 +5,7 @@ by the fp32 epoch, measured side by side in one process.
     python benchmarks/quant_overhead.py --images 12800 --reps 5   # quicker
     python benchmarks/quant_overhead.py --device cuda              # on a GPU (threads do not apply)
     python benchmarks/quant_overhead.py --device cuda --cuda-graph # each step replayed as one CUDA graph
+    python benchmarks/quant_overhead.py --device cuda --compile    # models through torch.compile
 
 Variants: fp32, then W8A8 (weight and input quantized to 8 bits) with each method on the study's
 layers (fc1, fc21, fc22, fc3) and on all five Linear layers, each with its own Adam optimizer
@@ -156,12 +157,22 @@ def run(
     batch_size: int = 128,
     device: str = "cpu",
     cuda_graph: bool = False,
+    compile: bool = False,
+    only: list[str] | None = None,
 ) -> dict[str, float]:
     """Time every variant's epochs, interleaved slice by slice; print and return epoch / fp32.
     ``cuda_graph``: every variant's step is captured as a CUDA graph first (all graphs alive at
-    once), then replayed (whole batches only: a graph replays fixed shapes)."""
+    once), then replayed (whole batches only: a graph replays fixed shapes).  ``compile``: every
+    model's forward pass (quantizers included) goes through ``torch.compile`` (its backward too);
+    the loss and Adam stay eager.  ``only``: the variants whose names contain one of these
+    strings (fp32 is always timed)."""
     torch.set_num_threads(threads)
     variants = make_variants(device=device, capturable=cuda_graph)
+    if only:
+        variants = {k: v for k, v in variants.items() if k == "fp32" or any(o in k for o in only)}
+    if compile:
+        for model, _ in variants.values():
+            model.compile()
     if cuda_graph:
         images = images[: images.shape[0] // batch_size * batch_size]
     images = images.to(device)
@@ -200,6 +211,8 @@ def run(
                 slices[name].append(t)
     base = statistics.median(times["fp32"])
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{threads} thread(s)"
+    if compile:
+        where += ", models compiled (torch.compile)"
     if cuda_graph:
         where += ", each step one CUDA graph replay"
     print(f"\n{where}, {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
@@ -226,6 +239,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="with --device cuda: capture each variant's training step as a CUDA graph and replay it")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model (on the CPU, inside lowbit.fake_quant.tensor_path(), "
+                             "the path torch.compile traces without graph breaks)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="time only the variants whose names contain one of these (fp32 always), "
+                             "e.g. --variants '4 layers'")
     args = parser.parse_args()
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs --device cuda")
@@ -233,13 +252,21 @@ def main() -> None:
     from lowbit import kernels
 
     state = "on" if kernels.available() else "off (LOWBIT_KERNELS=0 or no compiler): the PyTorch code"
+    if args.compile or args.device != "cpu":
+        state = "not used (the tensor path: " + ("a GPU" if args.device != "cpu" else "--compile") + ")"
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {os.cpu_count()} CPUs, fused kernels {state}")
     if args.device != "cpu":
         print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
-        run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device, cuda_graph=args.cuda_graph)
+        run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device, cuda_graph=args.cuda_graph,
+            compile=args.compile, only=args.variants)
         return
-    for t in args.threads:
-        run(t, images, args.reps, args.chunks)
+    from contextlib import nullcontext
+
+    from lowbit.fake_quant import tensor_path
+
+    with tensor_path() if args.compile else nullcontext():  # (the host path's .item() would break the graph)
+        for t in args.threads:
+            run(t, images, args.reps, args.chunks, compile=args.compile, only=args.variants)
 
 
 if __name__ == "__main__":

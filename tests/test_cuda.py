@@ -2,13 +2,14 @@
 on the device, and the verbs (calibration_config, fold, save/load, export, fit/evaluate) on a
 GPU-trained model.  Skipped without CUDA.
 
-``LOWBIT_TEST_DEVICE=cpu`` runs these tests with the "device" side on the CPU's tensor path (the
-per-tensor Python-number fast path off), which is what a GPU runs; useful to check the tests
-themselves on a machine without a GPU.
+``LOWBIT_TEST_DEVICE=cpu`` runs these tests with the "device" side on the CPU's tensor path
+(:func:`lowbit.fake_quant.tensor_path`: no Python-number grids, no fused kernels), which is what a
+GPU runs; useful to check the tests themselves on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 import lowbit
-from helpers import train_vae
-from lowbit.methods import Quantizer, RangeQuantizer
+from helpers import assert_compiles_like_eager, train_vae
+from lowbit.fake_quant import tensor_path
+from lowbit.methods import Quantizer
 from lowbit.models.vae import VAE, vae_loss
 from lowbit.modules import QuantWrapper
 from lowbit.quantize import quantized_layers
@@ -48,13 +50,34 @@ def config(method: str, granularity: str = "per_tensor", bits: int = 4) -> list[
 
 
 def on_device(model: nn.Module) -> nn.Module:
-    """``model`` moved to DEVICE; on the CPU stand-in, with the Python-number fast path off."""
+    """``model`` moved to DEVICE; on the CPU stand-in, its forward passes take the tensor path (the
+    paths are chosen in the forward pass; backward passes follow)."""
     model = model.to(DEVICE)
     if DEVICE.type == "cpu":
-        for m in model.modules():
-            if isinstance(m, RangeQuantizer):
-                m.python_fast_path = False
+
+        open_paths = []
+
+        def enter(module, args):
+            open_paths.append(tensor_path())
+            open_paths[-1].__enter__()
+
+        def leave(module, args, out):
+            open_paths.pop().__exit__(None, None, None)
+
+        model._stand_in_hooks = (model.register_forward_pre_hook(enter), model.register_forward_hook(leave))
     return model
+
+
+def device_path():
+    """A context for calls made outside a model's forward pass: the tensor path on the stand-in."""
+    return tensor_path() if DEVICE.type == "cpu" else contextlib.nullcontext()
+
+
+def back_on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` moved to the CPU, its host paths back (on the stand-in too)."""
+    for hook in model.__dict__.pop("_stand_in_hooks", ()):
+        hook.remove()
+    return model.cpu()
 
 
 def pair(method: str, granularity: str = "per_tensor", bits: int = 4) -> tuple[nn.Module, nn.Module]:
@@ -164,11 +187,12 @@ def test_quantizers_alone_match_the_cpu_bit_for_bit(method):
     lowbit.quantize(dev, cfg, method)
     on_device(dev)
     outs = []
-    for model, xx in ((cpu, x.clone()), (dev, x.to(DEVICE))):
+    for model, xx, path in ((cpu, x.clone(), contextlib.nullcontext()), (dev, x.to(DEVICE), device_path())):
         xx.requires_grad_(True)
         model(xx)  # the first batch sets the ranges / initialises the steps
         q = model[0].input_quantizer
-        y = q(xx)
+        with path:
+            y = q(xx)
         y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape))
         grads = [xx.grad.cpu()] + [p.grad.cpu() for p in q.parameters() if p.grad is not None]
         outs.append((y.detach().cpu(), grads, q.grid().scale.cpu()))
@@ -202,10 +226,7 @@ def test_a_cpu_quantized_model_moved_to_the_device_and_back_keeps_its_ranges():
     before = lowbit.calibration_config(model)["fc1"]["tracked_max_input"]
     on_device(model)
     steps(model, 2, seed=1)
-    model.cpu()
-    for m in model.modules():
-        if isinstance(m, RangeQuantizer):
-            m.python_fast_path = True
+    back_on_cpu(model)
     steps(model, 1, seed=2)
     after = lowbit.calibration_config(model)["fc1"]["tracked_max_input"]
     # five EMA updates (decay 0.99) of maxima near 1: within 5% of where it started
@@ -281,10 +302,7 @@ def test_fit_and_evaluate_on_the_device():
     result = fit(model, images.to(DEVICE), epochs=2, batch_size=64, progress=False)
     assert len(result.epoch_losses) == 2 and all(l == l for l in result.epoch_losses)
     ev_dev = evaluate(model, images.to(DEVICE), iwae_k=4)
-    model.cpu()
-    for m in model.modules():
-        if isinstance(m, RangeQuantizer):
-            m.python_fast_path = True
+    back_on_cpu(model)
     ev_cpu = evaluate(model, images, iwae_k=4)
     assert ev_dev.loss == pytest.approx(ev_cpu.loss, rel=1e-4)
     assert ev_dev.iwae == pytest.approx(ev_cpu.iwae, rel=1e-4)
@@ -501,3 +519,20 @@ def test_the_deployment_bench_adds_gpu_rows_with_the_cpu_losses():
         if row.skipped is None:
             assert row.loss == pytest.approx(on_cpu[row.name.split(" ")[0]].loss, abs=0.02), row.name
     assert "CUDA:" in result.gpu["status"]
+
+
+@pytest.mark.parametrize("method", ["qat", "lsq"])
+def test_a_quantized_model_compiles_on_the_device(method):
+    """``model.compile()`` on the GPU: one graph, no break, eager's losses (Triton kernels fuse
+    the quantizers' elementwise passes)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the CPU's compiled path is tested in test_quantize (inside tensor_path)")
+
+    def build():
+        torch.manual_seed(0)
+        model = VAE().to(DEVICE)
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        lowbit.quantize(model, config(method, "per_tensor", 8), method, optimizer=opt)
+        return model, opt
+
+    assert_compiles_like_eager(build)

@@ -3,6 +3,8 @@ docs/INTERFACES.md, repeated calls and inputs of any rank."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -10,7 +12,7 @@ from torch import nn
 
 import lowbit
 from helpers import train_vae
-from lowbit.fake_quant import AffineGrid, f32
+from lowbit.fake_quant import AffineGrid, f32, tensor_path
 from lowbit.methods import NotCalibratedError, Quantizer
 from lowbit.models.vae import VAE
 from lowbit.modules import QuantWrapper
@@ -207,22 +209,19 @@ def test_conv_model_per_tensor_and_per_channel(method):
 def test_cpu_fast_path_and_tensor_path_agree(method):
     """Per-tensor range quantizers keep their grid as Python numbers on the CPU; the tensor path
     (used on other devices) must give the same grids and outputs."""
-    from lowbit.methods import RangeQuantizer
 
     models, grads = [], []
-    for fast in (True, False):
+    for path in (contextlib.nullcontext, tensor_path):
         torch.manual_seed(0)
         model = lowbit.quantize(VAE(), w8a8(bits=4, quant_dtype={"input": "int"}), method)
-        for m in model.modules():
-            if isinstance(m, RangeQuantizer):
-                m.python_fast_path = fast
         # four observed batches of growing range, gradients but no optimizer step: training would
         # amplify last-bit differences of the EMA into different weights (Adam's first steps are
         # +-lr whatever the gradient's size), and this test is about the quantizers' arithmetic
         g = torch.Generator().manual_seed(0)
         for i in range(4):
             x = torch.rand(32, 784, generator=g) * (1 + i)
-            logits, mu, logvar = model(x, torch.randn(32, 20, generator=g))
+            with path():
+                logits, mu, logvar = model(x, torch.randn(32, 20, generator=g))
             (logits.square().mean() + mu.sum() + logvar.sum()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
         models.append(model.eval())
@@ -242,11 +241,9 @@ def test_range_tracking_goes_on_when_the_cpu_fast_path_takes_over(tracking_metho
     tracked range: QAT's EMA continues, PTQ's min/max keeps the earlier extremes."""
     m = nn.Sequential(nn.Linear(4, 4))
     lowbit.quantize(m, [{"quant_types": ["input"], "quant_bits": 8, "op_types": ["Linear"]}], tracking_method)
-    q = m[0].input_quantizer
-    q.python_fast_path = False  # as on a GPU
-    m(torch.full((2, 4), 10.0))
-    q.python_fast_path = True  # back on the CPU
-    m(torch.tensor([[0.0, 1.0, 1.0, 1.0]]))
+    with tensor_path():  # as on a GPU
+        m(torch.full((2, 4), 10.0))
+    m(torch.tensor([[0.0, 1.0, 1.0, 1.0]]))  # back on the CPU's host path
     expected = f32(10.0 + 0.01 * (1.0 - 10.0)) if tracking_method == "qat" else 10.0
     assert lowbit.calibration_config(m)["0"]["tracked_max_input"] == pytest.approx(expected, rel=1e-6)
     assert lowbit.calibration_config(m)["0"]["tracked_min_input"] == 0.0

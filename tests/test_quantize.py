@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lowbit
-from helpers import train_vae
+from helpers import assert_compiles_like_eager, train_vae
 from lowbit.models.vae import VAE
 from lowbit.modules import QuantWrapper
 from lowbit.quantize import quantized_layers
@@ -213,3 +213,22 @@ def test_dorefa_gradient_bits_option_trains():
     assert model.fc1.grad_quantizer is not None and "gradient=8b" in str(model)
     losses = train(model, steps=3)
     assert all(map(lambda v: v == v, losses))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["qat", "lsq", "dorefa"])
+def test_a_quantized_model_compiles_as_one_graph(method):
+    """``torch.compile`` traces the tensor path (what a GPU runs; on the CPU inside
+    ``lowbit.fake_quant.tensor_path()``) without a graph break, runs training steps without
+    recompiling, and gives eager training's losses."""
+    from lowbit.fake_quant import tensor_path
+
+    def build():
+        torch.manual_seed(0)
+        model = VAE()
+        opt = torch.optim.Adam(model.parameters(), 1e-3)
+        lowbit.quantize(model, cfg(), method, optimizer=opt)
+        return model, opt
+
+    with tensor_path():
+        assert_compiles_like_eager(build)

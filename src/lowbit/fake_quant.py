@@ -35,6 +35,8 @@ range quantizers); the others take tensors (per-channel, any device, no host syn
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,8 @@ __all__ = [
     "f32",
     "fake_quantize",
     "fusable",
+    "on_host",
+    "tensor_path",
     "quantize_codes",
     "ste_fake_quantize",
     "clipped_fake_quantize",
@@ -206,7 +210,7 @@ def _resolve(x: Tensor, scale, zero_point, qmin: int, qmax: int, axis: int | Non
         s = float(scale)
         zp = 0 if zero_point is None else int(zero_point)
         return s, f32(1.0 / s), qmin - zp, qmax - zp
-    if axis is None and scale.device.type == "cpu" and x.device.type == "cpu":
+    if axis is None and on_host(scale) and on_host(x):
         s = scale.item()
         zp = 0 if zero_point is None else int(zero_point.item())
         return s, f32(1.0 / s), qmin - zp, qmax - zp
@@ -329,7 +333,7 @@ class _LSQFakeQuant(torch.autograd.Function):
         ctx.learn_zp = zero_point is not None and ctx.needs_input_grad[2]
         ctx.zp_shape = None if zero_point is None else zero_point.shape
         ctx.s_shape = scale.shape
-        if axis is None and x.device.type == "cpu" and scale.device.type == "cpu":
+        if axis is None and on_host(x) and on_host(scale):
             # per-tensor on the CPU: grid as Python numbers, one allocation, the in-range mask
             # taken in x-space in the backward pass (hardtanh's fused backward)
             raw = scale.item()
@@ -412,10 +416,33 @@ def lsq_fake_quantize(
     return _LSQFakeQuant.apply(x, scale, zero_point, qmin, qmax, grad_factor, axis)
 
 
+_HOST = [True]
+
+
+def on_host(t: Tensor) -> bool:
+    """Whether ``t`` takes the host paths: a per-tensor grid as Python numbers (read from the step or
+    range tensors with ``.item()``) and lowbit's fused CPU kernels.  True for CPU tensors, unless
+    inside :func:`tensor_path`; other devices always take the tensor path (no host reads)."""
+    return _HOST[0] and t.device.type == "cpu"
+
+
+@contextmanager
+def tensor_path() -> Iterator[None]:
+    """Within this block CPU tensors take the tensor path a GPU takes (grids as tensors, no
+    ``.item()``, no fused CPU kernels): the same values, slower — what ``torch.compile`` traces
+    without graph breaks, and what the GPU tests run as their CPU stand-in."""
+    saved = _HOST[0]
+    _HOST[0] = False
+    try:
+        yield
+    finally:
+        _HOST[0] = saved
+
+
 def fusable(t: Tensor) -> bool:
-    """Whether lowbit's fused CPU kernels take this tensor (float32 on the CPU); where they do,
-    DoReFa's tanh is lowbit's exp form too."""
-    return t.dtype == torch.float32 and t.device.type == "cpu"
+    """Whether lowbit's fused CPU kernels take this tensor (float32, on the host path); where they
+    do, DoReFa's tanh is lowbit's exp form too."""
+    return t.dtype == torch.float32 and on_host(t)
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -31,6 +31,7 @@ from ..fake_quant import (
     affine_qparams_f32,
     f32,
     fusable,
+    on_host,
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     qrange,
@@ -352,9 +353,6 @@ class RangeQuantizer(Quantizer):
         # Python-side state, mutated in place (no nn.Module.__setattr__ in the hot path):
         # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv, clamp) or None
         self._st: list[Any] = [False, 0, 0, False, None]
-        #: use the Python-number fast path for per-tensor CPU tensors (False: always the tensor path,
-        #: as on a GPU; the tests use it to check both paths agree)
-        self.python_fast_path = True
         #: the fused kernel's code for this tracking (per-tensor only), None where it has none
         self._fused_tracking = None if self.axis is not None else _FUSED_TRACKING.get(tracking)
 
@@ -412,7 +410,7 @@ class RangeQuantizer(Quantizer):
     def observe(self, x: Tensor) -> None:
         """Update the tracked range with ``x`` and recompute scale and zero point."""
         lo_t, hi_t = self._batch_range(x)
-        if self.axis is None and x.device.type == "cpu" and self.python_fast_path:
+        if self.axis is None and on_host(x):
             self._observe_py(lo_t.item(), hi_t.item())
         else:
             self._observe_tensor(lo_t, hi_t)
@@ -478,7 +476,7 @@ class RangeQuantizer(Quantizer):
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         st = self._st
-        if st[4] is None and st[0] and self.axis is None and self.python_fast_path and x.device.type == "cpu":
+        if st[4] is None and st[0] and self.axis is None and on_host(x):
             # the tensor path ran last (the model was on a GPU, or is back from one): read its state
             # into the Python-number copy, or the fast path would start the range tracking afresh
             self._flush()
@@ -491,7 +489,7 @@ class RangeQuantizer(Quantizer):
                     self.observe(x)
             return x
         current = self.tracking == "current"
-        if (current or self.training) and self._fused_tracking is not None and self.python_fast_path:
+        if (current or self.training) and self._fused_tracking is not None:
             k = kernels.get() if fusable(x) else None
             if k is not None:  # observe, update the range, quantize: one C++ call, same numbers
                 py = st[4]
@@ -518,7 +516,7 @@ class RangeQuantizer(Quantizer):
                 "lowbit.calibrate(model, batches) before evaluating"
             )
         py = st[4]
-        if py is not None and x.device.type == "cpu" and self.python_fast_path:
+        if py is not None and on_host(x):
             zp = 0 if self.symmetric else py[3]
             if current:
                 return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp, py[5])

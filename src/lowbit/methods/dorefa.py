@@ -55,6 +55,7 @@ from ..fake_quant import (
     f32,
     fusable,
     lsq_fake_quantize,
+    on_host,
     qrange,
     quantize_gradient,
 )
@@ -241,7 +242,7 @@ class DoReFaActivationQuantizer(Quantizer):
         self._inv = f32(1.0 / self._s)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":
+        if on_host(x):
             return clipped_fake_quantize_scalar(x, self._s, self._inv, self.qmin, self.qmax)
         return clipped_fake_quantize(x, self.scale, None, self.qmin, self.qmax)
 
