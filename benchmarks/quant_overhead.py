@@ -170,9 +170,6 @@ def run(
     variants = make_variants(device=device, capturable=cuda_graph)
     if only:
         variants = {k: v for k, v in variants.items() if k == "fp32" or any(o in k for o in only)}
-    if compile:
-        for model, _ in variants.values():
-            model.compile()
     if cuda_graph:
         images = images[: images.shape[0] // batch_size * batch_size]
     images = images.to(device)
@@ -182,6 +179,10 @@ def run(
     cuts = [round(i * steps / chunks) for i in range(chunks + 1)]
     for name, (model, opt) in variants.items():
         model.train()
+        if compile:  # the first batch initialises ranges and steps (host reads): eagerly, then compile
+            for i in range(2):
+                eager_step(model, opt, images[i * batch_size : (i + 1) * batch_size])
+            model.compile()
         if cuda_graph:
             variants[name] = (model, graph_step(model, opt, images[:batch_size]))
         else:

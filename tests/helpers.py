@@ -31,11 +31,12 @@ def train_vae(model, opt=None, steps: int = 3, seed: int = 0, batch: int = 32, s
     return losses
 
 
-def assert_compiles_like_eager(build) -> None:
+def assert_compiles_like_eager(build, drift: float = 1e-3) -> None:
     """``build()`` returns a fresh ``(model, optimizer)`` (a quantized VAE).  Five training steps
     eagerly, and on a second copy two eager steps (they initialise ranges and steps), then three
     through ``model.compile()``: the same losses (the first compiled step to float rounding, the
-    next within 1e-3: Adam amplifies last bits), no graph break, one forward graph reused."""
+    next within ``drift``: the compiled backward sums in another order, and Adam's first steps,
+    about lr whatever a gradient's size, spread last bits), no graph break, one forward graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -48,7 +49,7 @@ def assert_compiles_like_eager(build) -> None:
     model.compile()
     compiled = train_vae(model, opt, 3, seed=1, seeded_eps=True)
     assert warm == eager[:2]
-    assert compiled[0] == pytest.approx(eager[2], rel=1e-5)
-    assert compiled == pytest.approx(eager[2:], rel=1e-3)
+    assert compiled[0] == pytest.approx(eager[2], rel=1e-5), (compiled, eager[2:])
+    assert compiled == pytest.approx(eager[2:], rel=drift), (compiled, eager[2:])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 1

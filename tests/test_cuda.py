@@ -524,7 +524,9 @@ def test_the_deployment_bench_adds_gpu_rows_with_the_cpu_losses():
 @pytest.mark.parametrize("method", ["qat", "lsq"])
 def test_a_quantized_model_compiles_on_the_device(method):
     """``model.compile()`` on the GPU: one graph, no break, eager's losses (Triton kernels fuse
-    the quantizers' elementwise passes)."""
+    the quantizers' elementwise passes).  Measured on an H200 (torch 2.11): the first compiled
+    step's loss equal to eager's, then 1.8e-3 and 4.5e-3 apart, with or without inductor's exact
+    division (``eager_numerics.division_rounding``) — the backward's order, spread by Adam."""
     if DEVICE.type != "cuda":
         pytest.skip("the CPU's compiled path is tested in test_quantize (inside tensor_path)")
 
@@ -535,4 +537,4 @@ def test_a_quantized_model_compiles_on_the_device(method):
         lowbit.quantize(model, config(method, "per_tensor", 8), method, optimizer=opt)
         return model, opt
 
-    assert_compiles_like_eager(build)
+    assert_compiles_like_eager(build, drift=1e-2)

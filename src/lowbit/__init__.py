@@ -10,7 +10,7 @@ The public API (see README):
 
 from __future__ import annotations
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 
 from .models import VAE, build_model  # noqa: E402
 
@@ -19,6 +19,10 @@ __all__ = ["__version__", "VAE", "build_model"]
 from .quantize import calibrate, calibration_config, fold, load_calibration_config, quantize, quantizer_parameters  # noqa: E402
 
 __all__ += ["quantize", "calibration_config", "fold", "calibrate", "load_calibration_config", "quantizer_parameters"]
+
+from .fake_quant import tensor_path  # noqa: E402  (CPU training under torch.compile: see docs/QUANTIZERS.md)
+
+__all__ += ["tensor_path"]
 
 from . import export  # noqa: E402  (a callable module: lowbit.export(model, path, format="onnx-int8"))
 
