@@ -170,6 +170,8 @@ def run(
     variants = make_variants(device=device, capturable=cuda_graph)
     if only:
         variants = {k: v for k, v in variants.items() if k == "fp32" or any(o in k for o in only)}
+    if compile:  # every variant is another model structure: one compilation of VAE.forward each
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(variants))
     if cuda_graph:
         images = images[: images.shape[0] // batch_size * batch_size]
     images = images.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, with_stderr: bool = False, env: dict | None = None) -> str:
     out = subprocess.run([sys.executable, str(BENCH / script), *args], check=True, capture_output=True, text=True,
-                         timeout=600)
-    return out.stdout
+                         timeout=600, env=None if env is None else {**os.environ, **env})
+    return out.stdout + out.stderr if with_stderr else out.stdout
 
 
 @pytest.mark.slow
@@ -35,3 +36,13 @@ def test_dorefa_variants_runs(mnist):
     out = _run("dorefa_variants.py", "--epochs", "1", "--finetune-epochs", "1", "--variants", "learned", "paper",
                "--threads", "1")
     assert "learned" in out and "paper" in out and "fp32 baseline" in out
+
+
+@pytest.mark.slow
+def test_quant_overhead_compiled_runs_without_graph_breaks():
+    out = _run("quant_overhead.py", "--compile", "--variants", "lsq W8A8 4", "--images", "512", "--reps", "1",
+               "--chunks", "1", "--threads", "1", with_stderr=True, env={"TORCH_LOGS": "graph_breaks,recompiles"})
+    assert "models compiled" in out and "lsq W8A8 4 layers" in out and "qat W8A8" not in out
+    # (one compilation per model structure: fp32's forward and the quantized one's; none per step)
+    assert "Graph break" not in out and "recompile_limit" not in out
+    assert out.count("Recompiling function") <= 1
