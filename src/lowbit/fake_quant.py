@@ -430,7 +430,9 @@ def on_host(t: Tensor) -> bool:
 def tensor_path() -> Iterator[None]:
     """Within this block CPU tensors take the tensor path a GPU takes (grids as tensors, no
     ``.item()``, no fused CPU kernels): the same values, slower — what ``torch.compile`` traces
-    without graph breaks, and what the GPU tests run as their CPU stand-in."""
+    without graph breaks, and what the GPU tests run as their CPU stand-in.  The switch is
+    process-wide (a plain global, which ``torch.compile`` guards on: run a model compiled inside
+    the block inside it too, or it recompiles for the host path)."""
     saved = _HOST[0]
     _HOST[0] = False
     try:
