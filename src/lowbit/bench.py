@@ -220,10 +220,9 @@ class BenchResult:
 
     def print(self, console=None) -> None:
         """A rich table of the rows, the GEMM ceiling and the target checks."""
+        from rich import box
         from rich.console import Console
         from rich.table import Table
-
-        from rich import box
 
         console = console or Console()
         head = self._headers()
