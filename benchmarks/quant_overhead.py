@@ -159,12 +159,14 @@ def run(
     cuda_graph: bool = False,
     compile: bool = False,
     only: list[str] | None = None,
+    compile_mode: str | None = None,
 ) -> dict[str, float]:
     """Time every variant's epochs, interleaved slice by slice; print and return epoch / fp32.
     ``cuda_graph``: every variant's step is captured as a CUDA graph first (all graphs alive at
     once), then replayed (whole batches only: a graph replays fixed shapes).  ``compile``: every
     model's forward pass (quantizers included) goes through ``torch.compile`` (its backward too);
-    the loss and Adam stay eager.  ``only``: the variants whose names contain one of these
+    the loss and Adam stay eager; ``compile_mode`` is torch.compile's ``mode`` (``reduce-overhead``:
+inductor replays the compiled forward and backward as CUDA graphs).  ``only``: the variants whose names contain one of these
     strings (fp32 is always timed)."""
     torch.set_num_threads(threads)
     variants = make_variants(device=device, capturable=cuda_graph)
@@ -184,7 +186,7 @@ def run(
         if compile:  # the first batch initialises ranges and steps (host reads): eagerly, then compile
             for i in range(2):
                 eager_step(model, opt, images[i * batch_size : (i + 1) * batch_size])
-            model.compile()
+            model.compile(mode=compile_mode)
         if cuda_graph:
             variants[name] = (model, graph_step(model, opt, images[:batch_size]))
         else:
@@ -215,7 +217,7 @@ def run(
     base = statistics.median(times["fp32"])
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{threads} thread(s)"
     if compile:
-        where += ", models compiled (torch.compile)"
+        where += f", models compiled (torch.compile{', mode=' + compile_mode if compile_mode else ''})"
     if cuda_graph:
         where += ", each step one CUDA graph replay"
     print(f"\n{where}, {n} images per epoch, median of {reps} epochs (interleaved in {chunks} slices)")
@@ -245,10 +247,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every model (on the CPU, inside lowbit.fake_quant.tensor_path(), "
                              "the path torch.compile traces without graph breaks)")
+    parser.add_argument("--compile-mode", default=None,
+                        help="with --compile: torch.compile's mode, e.g. reduce-overhead (CUDA graphs by inductor)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="time only the variants whose names contain one of these (fp32 always), "
                              "e.g. --variants '4 layers'")
     args = parser.parse_args()
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
     if args.cuda_graph and not args.device.startswith("cuda"):
         parser.error("--cuda-graph needs --device cuda")
     images = load_images(args.images)
@@ -261,7 +267,7 @@ def main() -> None:
     if args.device != "cpu":
         print(f"device {args.device}: {torch.cuda.get_device_name(args.device)}")
         run(torch.get_num_threads(), images, args.reps, args.chunks, device=args.device, cuda_graph=args.cuda_graph,
-            compile=args.compile, only=args.variants)
+            compile=args.compile, only=args.variants, compile_mode=args.compile_mode)
         return
     from contextlib import nullcontext
 
@@ -269,7 +275,8 @@ def main() -> None:
 
     with tensor_path() if args.compile else nullcontext():  # (the host path's .item() would break the graph)
         for t in args.threads:
-            run(t, images, args.reps, args.chunks, compile=args.compile, only=args.variants)
+            run(t, images, args.reps, args.chunks, compile=args.compile, only=args.variants,
+                compile_mode=args.compile_mode)
 
 
 if __name__ == "__main__":
