@@ -106,11 +106,10 @@ def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) 
     return variants
 
 
-def eager_step(model, opt, batch, eps=None) -> torch.Tensor:
-    from lowbit.models.vae import vae_loss
+def eager_step(model, opt, batch) -> torch.Tensor:
+    from lowbit.train import vae_batch_loss
 
-    logits, mu, logvar = model(batch) if eps is None else model(batch, eps)
-    loss = vae_loss(logits, batch, mu, logvar).total
+    loss = vae_batch_loss(model, batch)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -118,35 +117,12 @@ def eager_step(model, opt, batch, eps=None) -> torch.Tensor:
 
 
 def graph_step(model, opt, first: torch.Tensor):
-    """The training step captured once as a CUDA graph (after warm-up steps on a side stream, which
-    also initialise the quantizers); returns ``step(batch)`` that copies the batch in, draws the
-    VAE's noise into a fixed buffer (outside the graph) and replays."""
-    from lowbit.models.vae import vae_loss
+    """The training step captured once as a CUDA graph by :func:`lowbit.capture_step` (after three
+    warm-up steps, which also initialise the quantizers); the VAE draws its noise inside the
+    graph.  Returns ``step(batch)``."""
+    from lowbit.train import vae_batch_loss
 
-    static = first.clone()
-    eps = torch.randn(first.shape[0], 20, device=first.device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            eager_step(model, opt, static, eps)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph's pool
-    with torch.cuda.graph(graph):
-        logits, mu, logvar = model(static, eps)
-        vae_loss(logits, static, mu, logvar).total.backward()
-        opt.step()
-
-    def step(batch: torch.Tensor) -> None:
-        static.copy_(batch)
-        eps.normal_()
-        graph.replay()
-
-    # a graph holds no references to the tensors it uses: without these, an optimizer dropped by the
-    # caller would free its state while the graph still updates it (then an illegal memory access)
-    step.keep = (graph, model, opt)
-    return step
+    return lowbit.capture_step(model, opt, vae_batch_loss, first)
 
 
 def run(

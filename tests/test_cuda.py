@@ -387,38 +387,10 @@ def _eager_losses(method: str, data) -> tuple[nn.Module, list[float]]:
 
 
 def _captured_step(model: nn.Module, opt: torch.optim.Optimizer, data, warmup: int = 3):
-    """Warm-up steps on a side stream (they initialise ranges and steps), then the whole training
-    step captured once; returns ``(replay, warm-up losses)`` with ``replay(x, eps) -> loss``."""
-    sx, se = data[0][0].clone(), data[0][1].clone()
-    losses = []
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for x, eps in data[:warmup]:
-            sx.copy_(x), se.copy_(eps)
-            loss = _graph_loss(model, sx, se)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    del loss  # (its autograd graph would keep the warm-up's gradient accumulators alive)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        static_loss = _graph_loss(model, sx, se)
-        static_loss.backward()
-        opt.step()
-
-    def replay(x: torch.Tensor, eps: torch.Tensor) -> float:
-        sx.copy_(x), se.copy_(eps)
-        graph.replay()
-        return static_loss.item()
-
-    # a graph holds no references to the tensors it reads and writes: the function keeps the graph,
-    # the model and the optimizer (whose state the graph updates) alive
-    replay.keep = (graph, model, opt)
-    return replay, losses
+    """``lowbit.capture_step`` after warm-up on the first batches; returns ``(replay, warm-up
+    losses)`` with ``replay(x, eps) -> loss``."""
+    step = lowbit.capture_step(model, opt, _graph_loss, data[0], warmup=data[:warmup])
+    return (lambda x, eps: step(x, eps).item()), step.warmup_losses
 
 
 def _assert_same_calibration(a: nn.Module, b: nn.Module) -> None:
@@ -449,7 +421,7 @@ def test_several_models_captured_as_cuda_graphs_replay_in_turn():
     train-several-models loop holds them), replayed in turn: each replays its own eager training.
     (A graph keeps no reference to the tensors it uses: an optimizer dropped after capture frees
     its state, which the next model's allocations reuse — NaN losses, or an illegal memory access.
-    ``_captured_step`` keeps model and optimizer with the replay function.)"""
+    ``lowbit.capture_step`` keeps model and optimizer with the step.)"""
     if DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
     data = _graph_data(1)
@@ -465,6 +437,62 @@ def test_several_models_captured_as_cuda_graphs_replay_in_turn():
         eager, eager_losses = _eager_losses(method, data)
         assert losses[method] == pytest.approx(eager_losses, rel=1e-5), method
         _assert_same_calibration(eager, models[method])
+
+
+def test_a_captured_step_draws_fresh_noise_and_trains():
+    """The VAE draws its noise inside the step (``torch.randn``): each replay draws anew, and
+    replaying the same batch trains on it."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    from lowbit.train import vae_batch_loss
+
+    model, opt = _graph_model("lsq")
+    x = _graph_data()[0][0]
+    step = lowbit.capture_step(model, opt, vae_batch_loss, x)
+    losses = [step(x).item() for _ in range(30)]
+    assert len(set(losses)) == len(losses)  # fresh noise every replay
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_capture_step_refuses_what_it_cannot_replay():
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    data = _graph_data()
+    x, eps = data[0]
+    model, _ = _graph_model("qat")
+    plain = torch.optim.Adam(model.parameters(), 1e-3)  # not capturable
+    before = model.fc1.weight.detach().clone()
+    with pytest.raises(lowbit.CaptureError, match="capturable=True"):
+        lowbit.capture_step(model, plain, _graph_loss, (x, eps))
+    assert torch.equal(model.fc1.weight, before)  # refused before any warm-up step
+    torch.manual_seed(0)
+    model = VAE().to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), 1e-3, capturable=True)
+    lowbit.quantize(model, [dict(config("qat", "per_tensor", 8)[0], quant_start_step=4)], "qat", optimizer=opt)
+    with pytest.raises(lowbit.CaptureError, match=r"quant_start_step.*warmup >= 5"):
+        lowbit.capture_step(model, opt, _graph_loss, (x, eps), warmup=3)
+    step = lowbit.capture_step(model, opt, _graph_loss, (x, eps), warmup=5)
+    with pytest.raises(lowbit.CaptureError, match=r"shape \[32, 784\].*captured with \[64, 784\]"):
+        step(x[:32], eps[:32])
+    assert torch.isfinite(step(x, eps))
+
+
+def test_the_readme_cuda_graph_example_runs():
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    import re
+    from pathlib import Path
+
+    from lowbit.train import vae_batch_loss
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = next(c for c in re.findall(r"```python\n(.*?)```", text, re.S) if "capture_step" in c)
+    torch.manual_seed(0)
+    data = [x for x, _ in _graph_data()]
+    ns = {"torch": torch, "lowbit": lowbit, "model": VAE().to(DEVICE), "config_list": config("lsq", bits=8),
+          "loss_fn": vae_batch_loss, "first_batch": data[0], "batches": data[1:]}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert torch.isfinite(ns["loss"]) and ns["step"].model is ns["model"]
 
 
 def test_a_run_trains_and_evaluates_on_the_device(tmp_path):

@@ -24,6 +24,10 @@ from .fake_quant import tensor_path  # noqa: E402  (CPU training under torch.com
 
 __all__ += ["tensor_path"]
 
+from .graphs import CaptureError, capture_step  # noqa: E402  (a training step as one CUDA graph replay)
+
+__all__ += ["capture_step", "CaptureError"]
+
 from . import export  # noqa: E402  (a callable module: lowbit.export(model, path, format="onnx-int8"))
 
 __all__ += ["export"]

@@ -120,6 +120,20 @@ class Quantizer(nn.Module):
         ``x`` and calls ``F.linear`` itself."""
         return None
 
+    def replay_problem(self, steps_ahead: int = 0) -> str | None:
+        """Why replaying this quantizer's training steps as a captured CUDA graph would not do what
+        eager steps do, with ``steps_ahead`` eager training steps still to run first; ``None``
+        when nothing stands in the way (the default: a stateless or tensor-only quantizer)."""
+        return None
+
+    def _unseen_problem(self, steps_ahead: int) -> str | None:
+        """The :meth:`replay_problem` of a quantizer initialised from its first batch with reads
+        back to the host (which a capture cannot contain)."""
+        if not self._initialized and steps_ahead == 0:
+            return ("has seen no data: it initialises on its first training batch, reading values back "
+                    "to the host — train a step before capturing (warmup >= 1)")
+        return None
+
     def quantize_int(self, x: Tensor) -> Tensor:
         """Integer codes of ``x`` (the default: on :meth:`grid`, no transform)."""
         with torch.no_grad():
@@ -359,6 +373,21 @@ class RangeQuantizer(Quantizer):
     @property
     def _initialized(self) -> bool:
         return self._st[0]
+
+    def replay_problem(self, steps_ahead: int = 0) -> str | None:
+        if self.tracking == "percentile":
+            return ("averages per-batch percentiles over a count of batches kept in Python, which a replay "
+                    "would not advance: calibrate percentile PTQ eagerly (it does not train)")
+        done = self._st[1]
+        if self.start_step > 0 and done < self.start_step:
+            # weights ("current") are first seen by the first step that quantizes, after the start
+            needed = self.start_step - done + (1 if self.tracking == "current" else 0)
+            if steps_ahead < needed:
+                return (f"passes its input through unquantized for its first {self.start_step} training steps "
+                        f"(quant_start_step), counted in Python: at step {done}, replays would never pass "
+                        f"{self.start_step} — warm up past it (warmup >= {needed})")
+            return None
+        return self._unseen_problem(steps_ahead)
 
     def _sync(self) -> None:
         st = self._st

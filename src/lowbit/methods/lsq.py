@@ -105,6 +105,9 @@ class LSQQuantizer(Quantizer):
             self._init_from(x.detach())
         return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._grad_factor(x), self.axis)
 
+    def replay_problem(self, steps_ahead: int = 0) -> str | None:
+        return self._unseen_problem(steps_ahead)
+
     def _grad_factor(self, x: Tensor) -> float:
         if self.is_weight:
             return self._weight_gf
