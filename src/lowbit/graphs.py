@@ -128,7 +128,7 @@ def capture_step(
         for batch in batches:
             losses.append(_eager_step(model, optimizer, loss_fn, batch))
     torch.cuda.current_stream().wait_stream(side)
-    _raise_problems(capture_problems(model, optimizer))  # (a layer called twice a step counts twice)
+    _raise_problems(capture_problems(model, optimizer))  # (e.g. a model in eval mode initialised nothing)
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)  # the backward allocates the gradients in the graph's pool
     with torch.cuda.graph(graph):
