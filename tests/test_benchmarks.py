@@ -46,3 +46,10 @@ def test_quant_overhead_compiled_runs_without_graph_breaks():
     # (one compilation per model structure: fp32's forward and the quantized one's; none per step)
     assert "Graph break" not in out and "recompile_limit" not in out
     assert out.count("Recompiling function") <= 1
+
+
+@pytest.mark.slow
+def test_lsq_plus_init_runs(mnist):
+    out = _run("lsq_plus_init.py", "--epochs", "1", "--bits", "4", "--seeds", "0", "--finetune-epochs", "1",
+               "--threads", "1")
+    assert "fp32 baseline" in out and "lsq+ paper" in out and "lsq+ minmax" in out and "after 1 epochs" in out

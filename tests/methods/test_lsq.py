@@ -113,7 +113,7 @@ def test_values_on_the_grid_and_at_most_2_to_the_b():
 
 
 def test_lsq_plus_learns_an_integer_offset():
-    w = layer(bits=4, types=("input",), lsq_plus=True)
+    w = layer(bits=4, types=("input",), lsq_plus=True, lsq_plus_init="minmax")
     iq = w.input_quantizer
     x = torch.rand(64, 16) * 3 - 1  # [-1, 2]
     y = w(x)
@@ -139,3 +139,66 @@ def test_steps_train_with_the_users_optimizer():
         loss.backward()
         opt.step()
     assert w.weight_quantizer.scale.item() != before
+
+
+def _grid_mse(x, lo, hi, qmin, qmax):
+    """MSE of x fake-quantized on the affine grid of [lo, hi] the way LSQ+'s forward pass does it."""
+    from lowbit.fake_quant import affine_qparams, lsq_fake_quantize
+
+    scale, zp = affine_qparams(torch.as_tensor(lo), torch.as_tensor(hi), qmin, qmax, symmetric=False)
+    y = lsq_fake_quantize(x, scale, zp.float(), qmin, qmax)
+    return (y - x).square().mean().item()
+
+
+def test_mse_range_is_the_best_of_its_candidates():
+    from lowbit.methods.lsq import MSE_GRID, mse_range
+
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4000) * 0.5 + 0.3, torch.tensor([-4.0, 9.0])])  # two outliers
+    lo, hi = mse_range(x, 0, 15)
+    lo0, hi0 = x.min().item(), x.max().item()
+    best = _grid_mse(x, lo, hi, 0, 15)
+    for a in range(1, MSE_GRID + 1):
+        for b in range(1, MSE_GRID + 1):
+            cand = _grid_mse(x, lo0 * a / MSE_GRID, hi0 * b / MSE_GRID, 0, 15)
+            assert best <= cand * (1 + 1e-5), (a, b)
+    assert hi < 9.0 and lo > -4.0  # the outliers are clipped ...
+    assert best < 0.5 * _grid_mse(x, lo0, hi0, 0, 15)  # ... which halves the error at least here
+
+
+def test_mse_range_of_nonnegative_data_starts_at_zero_and_draws_no_random_numbers():
+    from lowbit.methods.lsq import MSE_SAMPLE, mse_range
+
+    x = torch.relu(torch.randn(300, 400))  # more than MSE_SAMPLE elements: a strided subsample
+    assert x.numel() > MSE_SAMPLE
+    state = torch.get_rng_state()
+    lo, hi = mse_range(x, 0, 255)
+    assert torch.equal(state, torch.get_rng_state())
+    assert lo.item() == 0.0 and 0 < hi.item() <= x.max().item()
+
+
+def test_lsq_plus_initialises_activations_by_mse_and_weights_by_three_sigma():
+    from lowbit.fake_quant import affine_qparams
+    from lowbit.methods.lsq import mse_range
+
+    for granularity in ("per_tensor", "per_channel"):
+        w = layer(bits=4, lsq_plus=True, granularity={"weight": granularity})
+        wt = w.module.weight.detach()
+        v = wt.reshape(1, -1) if granularity == "per_tensor" else wt
+        mu, sigma = v.mean(1), v.std(1, correction=0)
+        expected = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs()) / 8
+        assert torch.allclose(w.weight_quantizer.scale.detach().reshape(-1), expected, rtol=1e-6)
+    torch.manual_seed(1)
+    x = torch.randn(64, 16) * 0.5 + 0.2
+    w(x)  # the first training batch initialises the input grid
+    iq = w.input_quantizer
+    scale, zp = affine_qparams(*mse_range(x, 0, 15), 0, 15, symmetric=False)
+    assert iq.scale.item() == scale.item()
+    assert iq.grid().zero_point.item() == zp.item()
+
+
+def test_lsq_plus_init_needs_lsq_plus():
+    with pytest.raises(lowbit.config.ConfigError, match="needs lsq_plus: True"):
+        layer(lsq_plus_init="minmax")
+    with pytest.raises(lowbit.config.ConfigError, match="'paper' or 'minmax'"):
+        layer(lsq_plus=True, lsq_plus_init="mse")

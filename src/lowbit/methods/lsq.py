@@ -16,8 +16,11 @@
   activations;
 * ``lsq_plus: True``: activations get a learned offset too, as an integer zero point on unsigned
   codes ``[0, 2^b-1]`` (learned as a float, rounded in the forward pass, straight-through), so the
-  grid stays exportable; step and offset are initialised from the first batch's min/max.
-  Weights stay symmetric, as in LSQ+.
+  grid stays exportable.  Weights stay symmetric, as in LSQ+.  Initialisation, ``lsq_plus_init``:
+  ``"paper"`` (default) as LSQ+ — activations: the range ``[lo, hi]`` whose grid gives the least
+  mean squared error on the first batch (:func:`mse_range`), weights: ``s = max(|mu - 3 sigma|,
+  |mu + 3 sigma|) / 2^(b-1)``; ``"minmax"``: activations from the first batch's min/max, weights as
+  LSQ.
 
 The steps (and offsets) are ``nn.Parameter`` s: :func:`lowbit.quantize` adds them to the optimizer
 you pass as a new parameter group (no weight decay), or see :func:`lowbit.quantizer_parameters`.
@@ -34,19 +37,58 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
-from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, register_method
+from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, one_of, register_method
 
-__all__ = ["LSQ", "LSQQuantizer"]
+__all__ = ["LSQ", "LSQQuantizer", "mse_range"]
+
+
+#: candidates per end of the range in :func:`mse_range` (a grid of MSE_GRID**2 ranges)
+MSE_GRID = 20
+#: elements of the batch that :func:`mse_range` evaluates (an evenly strided subsample beyond this)
+MSE_SAMPLE = 1 << 16
+
+
+def mse_range(x: Tensor, qmin: int, qmax: int, grid: int = MSE_GRID) -> tuple[Tensor, Tensor]:
+    """LSQ+'s initialisation of an affine activation grid: of the ranges ``[a * min(x, 0),
+    b * max(x, 0)]`` with ``a, b`` in ``{1, (grid-1)/grid, ..., 1/grid}``, the one whose grid
+    (:func:`lowbit.fake_quant.affine_qparams`: integer zero point, codes ``[qmin, qmax]``)
+    fake-quantizes ``x`` with the least mean squared error; ties go to the wider range.  Evaluated
+    on at most ``MSE_SAMPLE`` elements (an evenly strided subsample: no random numbers drawn).
+    Returns ``(lo, hi)`` as 0-d float32 tensors on ``x``'s device."""
+    v = x.detach().reshape(-1).float()
+    if v.numel() > MSE_SAMPLE:
+        v = v[:: -(-v.numel() // MSE_SAMPLE)]
+    lo0, hi0 = v.min().clamp(max=0.0), v.max().clamp(min=0.0)
+    fractions = torch.arange(grid, 0, -1, device=v.device, dtype=torch.float32) / grid  # 1 first
+    his = hi0 * fractions  # [grid]
+    best = (torch.tensor(float("inf"), device=v.device), lo0, hi0)
+    for a in fractions:
+        lo = (lo0 * a).expand(grid)
+        scale, zp = affine_qparams(lo, his, qmin, qmax, symmetric=False)
+        scale, zp = scale[:, None], zp[:, None].to(torch.float32)
+        q = torch.clamp(torch.round(v[None, :] / scale) + zp, qmin, qmax)
+        err = ((q - zp) * scale - v[None, :]).square_().mean(1)  # [grid]
+        i = torch.argmin(err)  # (the first of equal minima: the widest)
+        better = err[i] < best[0]
+        best = (torch.where(better, err[i], best[0]), torch.where(better, lo[i], best[1]),
+                torch.where(better, his[i], best[2]))
+        if lo0 == 0:  # (every a gives the same ranges)
+            break
+    return best[1], best[2]
 
 
 class LSQQuantizer(Quantizer):
-    """A learned-step quantizer (see the module docstring)."""
+    """A learned-step quantizer (see the module docstring).  ``plus_init`` (with ``lsq_plus``, or
+    for a weight of an LSQ+ layer): ``"paper"`` or ``"minmax"``."""
 
-    def __init__(self, spec: TensorSpec, weight: Tensor | None = None, *, lsq_plus: bool = False) -> None:
+    def __init__(
+        self, spec: TensorSpec, weight: Tensor | None = None, *, lsq_plus: bool = False, plus_init: str = "minmax"
+    ) -> None:
         channels = weight.shape[0] if weight is not None else None
         super().__init__(spec, channels)
         self.is_weight = spec.quant_type == "weight"
         self.learn_offset = bool(lsq_plus) and not self.is_weight
+        self.plus_init = plus_init if lsq_plus else None
         self.scale = nn.Parameter(torch.ones(self._shape))
         if self.learn_offset:
             self.zero_point = nn.Parameter(torch.zeros(self._shape))
@@ -81,11 +123,19 @@ class LSQQuantizer(Quantizer):
             self.signed.fill_(signed)
             self._set_range(signed)
         if self.learn_offset:
-            lo, hi = torch.aminmax(x.float())
+            if self.plus_init == "paper":
+                lo, hi = mse_range(x, self.qmin, self.qmax)
+            else:
+                lo, hi = torch.aminmax(x.float())
             scale, _ = affine_qparams(lo, hi, self.qmin, self.qmax, symmetric=False)
             zp = (self.qmin - torch.clamp(lo, max=0.0) / scale).clamp(self.qmin, self.qmax)
             self.scale.copy_(scale)
             self.zero_point.copy_(zp)
+        elif self.is_weight and self.plus_init == "paper":  # LSQ+: max(|mu - 3 sigma|, |mu + 3 sigma|) / 2^(b-1)
+            v = x.float().reshape(x.shape[0], -1) if self.axis is not None else x.float().reshape(1, -1)
+            mu, sigma = v.mean(1), v.std(1, correction=0)
+            bound = torch.maximum((mu - 3 * sigma).abs(), (mu + 3 * sigma).abs())
+            self.scale.copy_(exact_div(bound, -self.qmin).clamp(min=MIN_SCALE).reshape(self.scale.shape))
         else:
             if self.axis is not None:
                 mean_abs = x.abs().reshape(x.shape[0], -1).mean(1)
@@ -175,6 +225,10 @@ class LSQ(Method):
     options = {
         "weight_range": WEIGHT_RANGE,
         "lsq_plus": Option(False, is_bool, "True or False", "learn an offset (integer zero point) for activations"),
+        "lsq_plus_init": Option(
+            "paper", one_of("paper", "minmax"), "'paper' or 'minmax'",
+            "with lsq_plus: LSQ+'s initialisation (MSE-optimal activation range, 3-sigma weight step) or min/max",
+        ),
     }
     schemes = {
         "weight": ("symmetric",),
@@ -190,6 +244,8 @@ class LSQ(Method):
 
     @classmethod
     def resolve_tensor(cls, quant_type, bits, scheme, dtype, granularity, options) -> TensorSpec:  # type: ignore[override]
+        if options["lsq_plus_init"] != "paper" and not options["lsq_plus"]:
+            raise ConfigError("lsq_plus_init chooses LSQ+'s initialisation: it needs lsq_plus: True")
         if quant_type != "weight":
             if options["lsq_plus"]:
                 if scheme == "symmetric":
@@ -202,6 +258,7 @@ class LSQ(Method):
 
     @classmethod
     def build_quantizer(cls, spec: TensorSpec, layer: LayerSpec, module: nn.Module) -> Quantizer:
+        plus, init = layer.options["lsq_plus"], layer.options["lsq_plus_init"]
         if spec.quant_type == "weight":
-            return LSQQuantizer(spec, module.weight)
-        return LSQQuantizer(spec, lsq_plus=layer.options["lsq_plus"])
+            return LSQQuantizer(spec, module.weight, lsq_plus=plus, plus_init=init)
+        return LSQQuantizer(spec, lsq_plus=plus, plus_init=init)
