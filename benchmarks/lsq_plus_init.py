@@ -26,9 +26,10 @@ import torch
 
 import lowbit
 from lowbit.checkpoint import load_model
-from lowbit.data import load_dataset
 from lowbit.experiment import RunSpec, run_experiment
 from lowbit.train import evaluate
+
+import _finetune
 
 VARIANTS = {
     "lsq": {},
@@ -48,25 +49,13 @@ def summary(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3, 2])
+    _finetune.add_arguments(ap, bits=[8, 4, 3, 2], finetune_epochs=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--init", default=None, help="an fp32 run folder to start from (default: train one)")
-    ap.add_argument("--epochs", type=int, default=10, help="fp32 baseline epochs when --init is not given")
-    ap.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune each model too (default 0: no)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    train = load_dataset("mnist", "train", data_dir=args.data_dir).images
-    test = load_dataset("mnist", "test", data_dir=args.data_dir).images
+    train, test = _finetune.load_mnist(args)
     with tempfile.TemporaryDirectory() as tmp:
-        base_dir = Path(args.init) if args.init else Path(tmp) / "fp32"
-        if args.init:
-            base = {"after": {"loss": evaluate(load_model(base_dir), test, iwae_k=0).loss}}
-        else:
-            base = run_experiment(RunSpec("fp32", args.epochs, iwae_k=0), train, test, base_dir, progress=False)
-        print(f"fp32 baseline: {base['after']['loss']:.2f} nats; seeds {args.seeds}")
+        base_dir, base = _finetune.baseline(args, train, test, tmp)
+        print(f"seeds {args.seeds}; --finetune-epochs 0 (the default) skips fine-tuning")
         head = f"{'bits':>4}  {'variant':<12} {'quantized, untrained':>32}"
         print(head + (f"  {'after ' + str(args.finetune_epochs) + ' epochs':>32}" if args.finetune_epochs else ""))
         for bits in args.bits:
@@ -82,7 +71,7 @@ def main() -> None:
                         spec = RunSpec(f"w{bits}-{name}-{seed}".replace(" ", "_").replace("+", "p"),
                                        args.finetune_epochs, "lsq", config(bits), opts, seed=seed, iwae_k=0)
                         rec = run_experiment(spec, train, test, Path(tmp) / spec.name, init=base_dir,
-                                             before=base["after"], progress=False)
+                                             before=base, progress=False)
                         tuned.append(rec["after"]["loss"])
                 line = f"{bits:>4}  {name:<12} {summary(untrained):>32}"
                 print(line + (f"  {summary(tuned):>32}" if tuned else ""), flush=True)
