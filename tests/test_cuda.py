@@ -439,6 +439,23 @@ def test_several_models_captured_as_cuda_graphs_replay_in_turn():
         _assert_same_calibration(eager, models[method])
 
 
+def test_lsq_plus_paper_initialisation_on_the_device_is_the_cpus():
+    """LSQ+'s MSE-searched activation range and 3-sigma weight step, initialised on the device,
+    pick the CPU's grid (same candidate; float rounding apart)."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16) * 0.7 + 0.3
+    cfg = [{"quant_types": ["weight", "input"], "quant_bits": 3, "op_types": ["Linear"], "lsq_plus": True}]
+    grids = []
+    for place in (lambda m: m, on_device):
+        torch.manual_seed(0)
+        m = place(nn.Sequential(nn.Linear(16, 8)))
+        lowbit.quantize(m, cfg, "lsq")
+        m(x.to(next(m.parameters()).device))
+        w, i = m[0].weight_quantizer, m[0].input_quantizer
+        grids.append((w.scale.item(), i.scale.item(), i.zero_point.item()))
+    assert grids[1] == pytest.approx(grids[0], rel=1e-6)
+
+
 def test_a_captured_step_draws_fresh_noise_and_trains():
     """The VAE draws its noise inside the step (``torch.randn``): each replay draws anew, and
     replaying the same batch trains on it."""
