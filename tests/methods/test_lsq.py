@@ -202,3 +202,17 @@ def test_lsq_plus_init_needs_lsq_plus():
         layer(lsq_plus_init="minmax")
     with pytest.raises(lowbit.config.ConfigError, match="'paper' or 'minmax'"):
         layer(lsq_plus=True, lsq_plus_init="mse")
+
+
+def test_an_lsq_plus_state_loads_into_either_initialisation():
+    """State saved from a min/max-initialised LSQ+ layer (lowbit <= 0.3.3) loads into a layer
+    built with the paper's initialisation: the loaded steps and offsets win, nothing re-initialises."""
+    old = layer(bits=4, lsq_plus=True, lsq_plus_init="minmax")
+    x = torch.randn(32, 16) * 0.5 + 0.2
+    old(x)
+    new = layer(bits=4, lsq_plus=True)
+    new.load_state_dict(old.state_dict())
+    y = torch.randn(32, 16)
+    assert torch.equal(new(y), old(y))
+    assert new.input_quantizer.scale.item() == old.input_quantizer.scale.item()
+    assert new.weight_quantizer.scale.item() == old.weight_quantizer.scale.item()
