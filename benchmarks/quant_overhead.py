@@ -20,7 +20,9 @@ load cancel), with its interquartile range.  Run at 1 thread and at 2 threads.  
 for every method.
 
 The row ``lsq 4L, fc1 unfused`` is LSQ without its fused first layer (the input step's
-gradient through the dense ``dL/dx_hat``), to show what that fusion saves.  One more fp32 row,
+gradient through the dense ``dL/dx_hat``), to show what that fusion saves; ``lsq 4L, fc1 step
+frozen`` is the same model with fc1's input step not learned at all, to show what learning it
+costs (not a method: LSQ learns every step).  One more fp32 row,
 ``fp32 + fc1 input grad``, computes the gradient with respect to the model's
 input (the images), which fp32 training never needs: it is the floor for any method that learns
 fc1's input quantizer (LSQ's input step needs ``dL/dx_hat`` of fc1's input, one GEMM as large as
@@ -103,6 +105,14 @@ def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) 
     lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
     m.fc1.input_quantizer.linear_input = lambda x, w, b: None  # (the wrapper then quantizes, then F.linear)
     variants["lsq 4L, fc1 unfused"] = (m, opt)
+    # the same LSQ model with fc1's input step frozen (not learned: no dL/dstep for the images at
+    # all) — not a method lowbit offers, a measure of what learning that one step costs
+    m = fresh()
+    m.load_state_dict(base.state_dict())
+    opt = make_optimizer(m)
+    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
+    m.fc1.input_quantizer.scale.requires_grad_(False)
+    variants["lsq 4L, fc1 step frozen"] = (m, opt)
     return variants
 
 

@@ -21,7 +21,7 @@ def _run(script: str, *args: str, with_stderr: bool = False, env: dict | None = 
 @pytest.mark.slow
 def test_quant_overhead_runs():
     out = _run("quant_overhead.py", "--images", "512", "--reps", "1", "--chunks", "1", "--threads", "1")
-    for row in ("fp32 + fc1 input grad", "lsq W8A8 4 layers", "dorefa W8A8 5 layers"):
+    for row in ("fp32 + fc1 input grad", "lsq W8A8 4 layers", "dorefa W8A8 5 layers", "lsq 4L, fc1 step frozen"):
         assert row in out
 
 
