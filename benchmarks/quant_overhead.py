@@ -80,39 +80,33 @@ def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) 
     torch.manual_seed(seed)
     base = VAE()
 
-    def fresh() -> VAE:  # a new model on the device (quantized there, as a GPU user would)
-        return VAE().to(device)
+    def fresh() -> VAE:  # a new model on the device (quantized there, as a GPU user would), base's weights
+        m = VAE().to(device)
+        m.load_state_dict(base.state_dict())
+        return m
+
+    def quantized(method: str, layers: list[str]) -> tuple[VAE, torch.optim.Optimizer]:  # W8A8
+        m = fresh()
+        opt = make_optimizer(m)
+        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": layers}], method,
+                        optimizer=opt)
+        return m, opt
 
     fp32 = fresh()
-    fp32.load_state_dict(base.state_dict())
     variants["fp32"] = (fp32, make_optimizer(fp32))
     floor = fresh()
-    floor.load_state_dict(base.state_dict())
     variants["fp32 + fc1 input grad"] = (InputGrad(floor), make_optimizer(floor))
     for layers, tag in ((STUDY_LAYERS, "4 layers"), (ALL_LAYERS, "5 layers")):
         for method in METHODS:
-            m = fresh()
-            m.load_state_dict(base.state_dict())
-            opt = make_optimizer(m)
-            cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": layers}]
-            lowbit.quantize(m, cfg, method, optimizer=opt)
-            variants[f"{method} W8A8 {tag}"] = (m, opt)
+            variants[f"{method} W8A8 {tag}"] = quantized(method, layers)
     # the same LSQ model with fc1's input quantizer and matmul unfused (dense dL/dx_hat for the
     # input step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
-    m = fresh()
-    m.load_state_dict(base.state_dict())
-    opt = make_optimizer(m)
-    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
+    m, opt = variants["lsq 4L, fc1 unfused"] = quantized("lsq", STUDY_LAYERS)
     m.fc1.input_quantizer.linear_input = lambda x, w, b: None  # (the wrapper then quantizes, then F.linear)
-    variants["lsq 4L, fc1 unfused"] = (m, opt)
     # the same LSQ model with fc1's input step frozen (not learned: no dL/dstep for the images at
     # all) — not a method lowbit offers, a measure of what learning that one step costs
-    m = fresh()
-    m.load_state_dict(base.state_dict())
-    opt = make_optimizer(m)
-    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}], "lsq", optimizer=opt)
+    m, opt = variants["lsq 4L, fc1 step frozen"] = quantized("lsq", STUDY_LAYERS)
     m.fc1.input_quantizer.scale.requires_grad_(False)
-    variants["lsq 4L, fc1 step frozen"] = (m, opt)
     return variants
 
 
