@@ -53,3 +53,10 @@ def test_lsq_plus_init_runs(mnist):
     out = _run("lsq_plus_init.py", "--epochs", "1", "--bits", "4", "--seeds", "0", "--finetune-epochs", "1",
                "--threads", "1")
     assert "fp32 baseline" in out and "lsq+ paper" in out and "lsq+ minmax" in out and "after 1 epochs" in out
+
+
+@pytest.mark.slow
+def test_lsq_cost_split_runs():
+    out = _run("lsq_cost_split.py", "--rounds", "2", "--steps", "1")
+    for row in ("fp32", "lsq, fc1 input step frozen", "lsq, every step frozen"):
+        assert row in out
