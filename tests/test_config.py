@@ -197,6 +197,9 @@ def test_error_already_quantized():
     assert "fc1" not in quantizable_layers(model)
     lowbit.quantize(model, [{**W8, "op_types": ["Linear"]}], "qat")
     assert sum(isinstance(m, lowbit.modules.QuantWrapper) for m in model.modules()) == 5
+    # selecting by type on a model whose layers of that type are all quantized says so
+    msg = _err([{**W8, "op_types": ["Linear"]}], model=model)
+    assert "already quantized" in msg and "'fc1', 'fc21', 'fc22', 'fc3', 'fc4' are" in msg
 
 
 def test_config_errors_come_before_any_change_to_the_model():

@@ -274,6 +274,14 @@ def parse_config(
             selected = [n for n in selected if type(layers[n]).__name__ in wanted]
             if not selected:
                 present = sorted({type(m).__name__ for m in layers.values()})
+                done = [repr(n) for n, m in model.named_modules() if type(m).__name__ == "QuantWrapper"
+                        and type(m.module).__name__ in wanted]
+                if done:
+                    raise ConfigError(
+                        f"{where}: op_types {op_types} match no layer left to quantize: "
+                        f"{_fmt_names(done)} {'is' if len(done) == 1 else 'are'} already quantized "
+                        "(quantize the float model instead, or select other layers)"
+                    )
                 raise ConfigError(
                     f"{where}: op_types {op_types} match no layer of the model "
                     f"(its quantizable layer types: {', '.join(present) or 'none'})"
