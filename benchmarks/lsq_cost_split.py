@@ -4,13 +4,17 @@ fp32 side by side in one process.
 
     python benchmarks/lsq_cost_split.py                 # 100 rounds of 10 steps, 1 thread
     python benchmarks/lsq_cost_split.py --threads 2 --rounds 40
+    python benchmarks/lsq_cost_split.py --tiny          # the same VAE with 8-wide layers
 
 The variants take turns round by round (alternating order), each round being ``--steps`` training
 steps on the same batches for every variant; a round's time divided by fp32's time in the same
 round cancels the slow drifts of a shared machine's load.  Printed: the median of those paired
 ratios and their interquartile range.  The frozen variants are measures, not methods (LSQ learns
 every step): the gap between them says what learning fc1's input step (the sparse step sum of
-``lowbit.kernels``) and the other steps cost.  Needs MNIST in ``LOWBIT_DATA_DIR`` (else uniform
+``lowbit.kernels``) and the other steps cost.  With ``--tiny`` every layer is 8 wide (random
+8-pixel "images"): the arithmetic vanishes and what is left, printed in ms over fp32, is LSQ's
+fixed cost per training step (module calls, autograd nodes, the steps' gradients and Adam's group
+for them), the part that does not shrink with the work.  Needs MNIST in ``LOWBIT_DATA_DIR`` (else uniform
 random images, whose dense first-layer input takes the dense product instead).
 """
 
@@ -27,13 +31,16 @@ from quant_overhead import STUDY_LAYERS, eager_step, load_images
 from lowbit.models.vae import VAE
 from lowbit.train import make_optimizer
 
+TINY = 8  # layer width of --tiny
 
-def variants(seed: int = 0) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+
+def variants(seed: int = 0, width: int | None = None) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     torch.manual_seed(seed)
-    base = VAE()
+    dims = {} if width is None else {"in_features": width, "hidden": width, "latent": width}
+    base = VAE(**dims)
     out = {}
     for tag in ("fp32", "lsq", "lsq, fc1 input step frozen", "lsq, every step frozen"):
-        m = VAE()
+        m = VAE(**dims)
         m.load_state_dict(base.state_dict())
         opt = make_optimizer(m)
         if tag != "fp32":
@@ -53,12 +60,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--steps", type=int, default=10, help="training steps a round (default 10)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tiny", action="store_true", help="8-wide layers: only the per-step fixed costs remain")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, pool = 128, 100
-    images = load_images(batch * pool)
+    images = torch.rand(batch * pool, TINY) if args.tiny else load_images(batch * pool)
     batches = [images[i * batch : (i + 1) * batch] for i in range(pool)]
-    models = variants()
+    models = variants(width=TINY if args.tiny else None)
     for m, opt in models.values():  # warm-up, and the first batch's initialisation
         for b in batches[:5]:
             eager_step(m, opt, b)
@@ -74,12 +82,14 @@ def main() -> None:
                 eager_step(m, opt, b)
             times[name].append((time.perf_counter() - start) / args.steps)
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {args.threads} thread(s), "
-          f"{args.rounds} rounds of {args.steps} steps (batch {batch}), W8A8 LSQ on {', '.join(STUDY_LAYERS)}")
-    print(f"{'variant':<28} {'ms / step':>10} {'/ fp32 (paired)':>16} {'IQR':>13}")
+          f"{args.rounds} rounds of {args.steps} steps (batch {batch}), W8A8 LSQ on {', '.join(STUDY_LAYERS)}"
+          + (f", layers {TINY} wide" if args.tiny else ""))
+    print(f"{'variant':<28} {'ms / step':>10} {'/ fp32 (paired)':>16} {'IQR':>13} {'ms over fp32':>13}")
     for name, ts in times.items():
         paired = [a / b for a, b in zip(ts, times["fp32"])]
         q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-        print(f"{name:<28} {1e3 * statistics.median(ts):10.3f} {q[1]:16.3f} {q[0]:6.3f}-{q[2]:.3f}")
+        extra = statistics.median(1e3 * (a - b) for a, b in zip(ts, times["fp32"]))
+        print(f"{name:<28} {1e3 * statistics.median(ts):10.3f} {q[1]:16.3f} {q[0]:6.3f}-{q[2]:.3f} {extra:13.3f}")
 
 
 if __name__ == "__main__":
