@@ -308,6 +308,39 @@ def test_conv2d_exports_to_integer_conv(tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-3, rtol=1e-4)
 
 
+class _Twice(nn.Module):
+    """One Linear called twice (weights tied across depth), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(torch.relu(self.fc(x)))))
+
+
+@pytest.mark.parametrize("fmt,bits_w", [("onnx-int8", 8), ("onnx-int4", 4)])
+def test_layer_called_twice_exports_once_and_runs(tmp_path, fmt, bits_w):
+    torch.manual_seed(0)
+    model = _Twice()
+    lowbit.quantize(model, [{"quant_types": ["weight", "input"], "quant_bits": {"weight": bits_w, "input": 8},
+                             "op_types": ["Linear"]}], "ptq")
+    x = torch.randn(64, 8)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    # a bare tensor is the one input, as for model(x)
+    path = lowbit.export(model, tmp_path / "twice.onnx", fmt, example_inputs=x, bias="float")
+    proto = onnx.load(path)
+    names = [n.name for n in proto.graph.node]
+    assert len(names) == len(set(names)), names  # ONNX Runtime refuses repeated node names
+    assert sum(i.name.startswith("fc/weight_q") for i in proto.graph.initializer) == 1  # stored once
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for precision in ("auto", "exact"):  # exact: the u8 x u8 kernel converts each weight at load
+        out = rt.load_session(path, precision=precision).run(x.numpy())[0]
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # refusals: nothing half-written
 # ------------------------------------------------------------------------------------------------

@@ -422,6 +422,7 @@ class _Builder:
         self.nodes: list = []
         self.inits: list = []
         self.qdq_cache: dict[tuple, str] = {}
+        self.param_cache: dict[tuple, Any] = {}  # a layer called twice stores its weights once
         self.names = {i.name for i in graph.initializer} | {v.name for v in graph.input}
         for n in graph.node:
             self.names.update(n.output)
@@ -455,6 +456,13 @@ class _Builder:
         out = self.unique(base)
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
+
+    def node_to(self, op: str, inputs: list[str], out: str, base: str, **attrs) -> None:
+        """A node writing the given tensor ``out``, named uniquely after ``base`` (a layer called
+        twice appears twice in the graph, and ONNX Runtime refuses repeated node names)."""
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.unique(base), **attrs))
 
 
 def _qdq_act(b: _Builder, x: str, grid: ActGrid, prefix: str) -> str:
@@ -522,11 +530,55 @@ def _bias_mode(p: LayerPlan, requested: str) -> str:
     return "int32" if p.act_in.clip is None and w_levels >= 127 else "float"
 
 
+def _layer_weight(b: _Builder, p: LayerPlan, pre: str, weights_first: bool, int4: bool) -> str:
+    """The layer's weight tensor: integer codes through a DequantizeLinear, or float.
+
+    A layer called twice shares its initializers but gets a DequantizeLinear per call: ONNX
+    Runtime's QDQ fusion fails to load a graph in which one weight DequantizeLinear feeds two GEMMs.
+    """
+    if p.w_codes is None:
+        key = (pre, "weight", weights_first)
+        if key not in b.param_cache:
+            wf = p.w_float if weights_first else p.w_float.T.copy()
+            b.param_cache[key] = b.init(f"{pre}/weight", wf.astype(np.float32))
+        return b.param_cache[key]
+    key = (pre, "weight_q", weights_first, int4)
+    if key not in b.param_cache:
+        codes = p.w_codes if weights_first else p.w_codes.T.copy()
+        if int4:
+            wq = b.init_int4(f"{pre}/weight_q", codes)
+            wz = b.init_int4(f"{pre}/weight_zero_point", p.w_zero_point)
+        else:
+            wq = b.init(f"{pre}/weight_q", codes.astype(np.int8))
+            wz = b.init(f"{pre}/weight_zero_point", np.asarray(p.w_zero_point).astype(np.int8))
+        b.param_cache[key] = [wq, b.init(f"{pre}/weight_scale", p.w_scale), wz]
+    return b.node("DequantizeLinear", b.param_cache[key], f"{pre}/weight", axis=0 if weights_first else 1)
+
+
+def _layer_bias(b: _Builder, p: LayerPlan, pre: str, bias_mode: str, fused_op: bool) -> tuple[str | None, str | None]:
+    """``(late_bias, bias)``: a float bias added after the integer GEMM, or the GEMM's own bias
+    input.  Initializers are shared between the calls of a layer, DequantizeLinear nodes are not
+    (see :func:`_layer_weight`)."""
+    key = (pre, "bias", fused_op)
+    if key not in b.param_cache:
+        mode = _bias_mode(p, bias_mode)
+        p.info["bias"] = mode
+        if mode == "int32":
+            bq, bscale, err = _int32_bias(p)  # type: ignore[misc]
+            p.info["bias_max_rounding"] = err
+            b.param_cache[key] = (mode, [b.init(f"{pre}/bias_q", bq), b.init(f"{pre}/bias_scale", bscale),
+                                         b.init(f"{pre}/bias_zero_point", np.zeros(bscale.shape, np.int32))])
+        else:
+            b.param_cache[key] = (mode, b.init(f"{pre}/bias", p.bias.astype(np.float32)))
+    mode, stored = b.param_cache[key]
+    if mode == "int32":
+        return None, b.node("DequantizeLinear", stored, f"{pre}/bias", axis=0)
+    return (stored, None) if mode == "float" and fused_op else (None, stored)
+
+
 def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int | None, fmt: str,
                    bias_mode: str = "auto") -> None:
     """Append the nodes of one quantized layer: ``x`` (float) -> ``out_name`` (float)."""
-    from onnx import helper
-
     pre = f"{p.name}"
     conv = p.kind == "conv2d"
     int4 = fmt == "onnx-int4"
@@ -538,36 +590,10 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
     # MatMul + Add for int4 (ONNX Runtime's 4-bit MatMulNBits needs MatMul) and for N-D input.
     use_gemm = (not conv) and (not int4) and rank == 2 and p.act_in is not None and p.w_codes is not None
     weights_first = conv or use_gemm  # weight layout [out, in, ...]; MatMul needs [in, out]
-    if p.w_codes is not None:
-        codes = p.w_codes if weights_first else p.w_codes.T.copy()
-        axis = 0 if weights_first else 1
-        if int4:
-            wq = b.init_int4(f"{pre}/weight_q", codes)
-            wz = b.init_int4(f"{pre}/weight_zero_point", p.w_zero_point)
-        else:
-            wq = b.init(f"{pre}/weight_q", codes.astype(np.int8))
-            wz = b.init(f"{pre}/weight_zero_point", np.asarray(p.w_zero_point).astype(np.int8))
-        ws = b.init(f"{pre}/weight_scale", p.w_scale)
-        w = b.node("DequantizeLinear", [wq, ws, wz], f"{pre}/weight", axis=axis)
-    else:
-        wf = p.w_float if weights_first else p.w_float.T.copy()
-        w = b.init(f"{pre}/weight", wf.astype(np.float32))
-    bias = None
-    late_bias = None  # a float bias added after the integer GEMM (bias mode "float")
+    w = _layer_weight(b, p, pre, weights_first, int4)
+    late_bias, bias = None, None  # late_bias: a float bias added after the integer GEMM (bias mode "float")
     if p.bias is not None:
-        mode = _bias_mode(p, bias_mode)
-        p.info["bias"] = mode
-        if mode == "float" and (conv or use_gemm):
-            late_bias = b.init(f"{pre}/bias", p.bias.astype(np.float32))
-        elif mode == "int32":
-            bq, bscale, err = _int32_bias(p)  # type: ignore[misc]
-            p.info["bias_max_rounding"] = err
-            bqn = b.init(f"{pre}/bias_q", bq)
-            bsn = b.init(f"{pre}/bias_scale", bscale)
-            bzn = b.init(f"{pre}/bias_zero_point", np.zeros(bscale.shape, np.int32))
-            bias = b.node("DequantizeLinear", [bqn, bsn, bzn], f"{pre}/bias", axis=0)
-        if bias is None and late_bias is None:
-            bias = b.init(f"{pre}/bias", p.bias.astype(np.float32))
+        late_bias, bias = _layer_bias(b, p, pre, bias_mode, conv or use_gemm)
     final = out_name if p.act_out is None else b.unique(f"{pre}/raw")
     if late_bias is not None:
         end, final = final, b.unique(f"{pre}/nobias")
@@ -576,29 +602,27 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
         pads = [int(v) for v in m.padding] * 2
         attrs = dict(strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=int(m.groups),
                      kernel_shape=list(m.kernel_size))
-        b.nodes.append(helper.make_node("Conv", [x, w] + ([bias] if bias else []), [final],
-                                        name=f"{pre}/Conv", **attrs))
+        b.node_to("Conv", [x, w] + ([bias] if bias else []), final, f"{pre}/Conv", **attrs)
     elif use_gemm:
-        b.nodes.append(helper.make_node("Gemm", [x, w] + ([bias] if bias else []), [final],
-                                        name=f"{pre}/Gemm", transB=1))
+        b.node_to("Gemm", [x, w] + ([bias] if bias else []), final, f"{pre}/Gemm", transB=1)
     else:
         if bias is None:
-            b.nodes.append(helper.make_node("MatMul", [x, w], [final], name=f"{pre}/MatMul"))
+            b.node_to("MatMul", [x, w], final, f"{pre}/MatMul")
         else:
             mm = b.node("MatMul", [x, w], f"{pre}/MatMul")
             if p.act_in is not None and p.w_codes is not None and p.info.get("bias") == "float":
                 # keep ONNX Runtime's MatMulAddFusion from rounding the float bias to int32
                 mm = _noop(b, mm, GUARD_BIAS + pre, rank)
-            b.nodes.append(helper.make_node("Add", [mm, bias], [final], name=f"{pre}/Add"))
+            b.node_to("Add", [mm, bias], final, f"{pre}/Add")
     if late_bias is not None:
         if conv:
             shape = b.init(f"{pre}/bias_shape", np.array([-1, 1, 1], np.int64))
             late_bias = b.node("Reshape", [late_bias, shape], f"{pre}/bias_chw")
-        b.nodes.append(helper.make_node("Add", [final, late_bias], [end], name=f"{pre}/bias_add"))
+        b.node_to("Add", [final, late_bias], end, f"{pre}/bias_add")
         final = end
     if p.act_out is not None:
         y = _qdq_act(b, final, p.act_out, f"{pre}/output")
-        b.nodes.append(helper.make_node("Identity", [y], [out_name], name=f"{pre}/out"))
+        b.node_to("Identity", [y], out_name, f"{pre}/out")
 
 
 def _ranks(model) -> dict[str, int]:
@@ -791,7 +815,7 @@ def export_onnx_bytes(
     model: nn.Module,
     format: str = "onnx-int8",
     *,
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     vae_graph: str = "deterministic",
@@ -822,6 +846,8 @@ def export_onnx_bytes(
             raise ExportError("example_inputs are needed to trace a model that is not a lowbit VAE")
         traced, args, in_names, out_names = d
     else:
+        if isinstance(example_inputs, Tensor):  # one input given bare: model(x), not model(*x)
+            example_inputs = (example_inputs,)
         traced, args = work, tuple(t.cpu() if isinstance(t, Tensor) else t for t in example_inputs)
         in_names = list(input_names or [f"input{i}" if i else "x" for i in range(len(args))])
         out_names = list(output_names or [])
@@ -865,7 +891,7 @@ def export(
     path: str | os.PathLike,
     format: str = "onnx-int8",
     *,
-    example_inputs: Sequence[Tensor] | None = None,
+    example_inputs: Tensor | Sequence[Tensor] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     vae_graph: str = "deterministic",
@@ -879,7 +905,8 @@ def export(
         format: ``onnx-int8`` (int8 weights), ``onnx-int4`` (int4 weights packed two per byte,
             opset 21; activations stay 8-bit: no runtime has 4-bit activation kernels) or
             ``onnx-fp32`` (the float model, quantizers dropped: the deployment baseline).
-        example_inputs: tensors to trace ``model(*example_inputs)`` with; not needed for a lowbit VAE.
+        example_inputs: tensors to trace ``model(*example_inputs)`` with (a single tensor is taken
+            as the one input); not needed for a lowbit VAE.
         vae_graph: for a VAE, ``"deterministic"`` (input ``x`` (B, 784); z = mu) or ``"eps"``
             (inputs ``x``, ``eps`` (B, latent); z = mu + exp(logvar/2) * eps, so the test loss of
             the deployed model can be computed exactly as in training).  Both output

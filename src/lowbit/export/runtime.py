@@ -277,6 +277,33 @@ def _fold_weight_only(proto) -> int:
     return folded
 
 
+def _unshare_int_weights(proto) -> int:
+    """Give each DequantizeLinear its own copy of a shared integer weight; returns the copies made.
+
+    A layer called twice stores its codes once (two DequantizeLinear nodes read them); ONNX
+    Runtime's u8 x u8 path (``x64quantprecision``) converts each fused layer's s8 weight to u8
+    under a name derived from the initializer and fails to load when two layers share it.
+    """
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    seen: set[str] = set()
+    copies = 0
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        if n.input[0] in seen:
+            copies += 1
+            for k, name in enumerate(n.input):  # codes, scale and zero point
+                if name in inits:
+                    dup = type(inits[name])()
+                    dup.CopyFrom(inits[name])
+                    dup.name = f"{name}/copy{copies}"
+                    graph.initializer.append(dup)
+                    n.input[k] = dup.name
+        seen.add(n.input[0])
+    return copies
+
+
 def _max_weight_code(proto) -> int:
     """Largest |code| of int8 weights that feed an integer layer (activation DequantizeLinear'd)."""
     graph = proto.graph
@@ -386,6 +413,10 @@ def load_session(
         if worst > SATURATION_FREE_CODE and u8s8_can_saturate():
             notes.append(f"precision='fast' with weight codes up to |{worst}| on a CPU without VNNI: "
                          "some outputs may saturate")
+    if precise:
+        n = _unshare_int_weights(proto)
+        if n:
+            transforms.append(f"{n} shared integer weight(s) copied for the u8 x u8 kernel")
     if kernel != "n/a" and not cpu_features()["x86"]:
         kernel = "int8 (platform kernel)"
     so = _session_options(threads, precise, str(optimized_model_path) if optimized_model_path else None,
