@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.config import ConfigError
 
 
 
@@ -82,3 +83,28 @@ def test_at_most_2_to_the_b_levels(bits):
     y = m(torch.randn(256, 16))
     assert y.unique().numel() <= 2**bits
     assert m[0].weight_quantizer(m[0].module.weight).unique().numel() <= 2**bits - 1
+
+
+@pytest.mark.parametrize("method,entry,opts", [
+    ("ptq", {"quant_types": ["weight"], "quant_bits": 1}, {}),
+    ("ptq", {"quant_types": ["weight"], "quant_bits": 2}, {"weight_range": "reduced"}),
+    ("qat", {"quant_types": ["input"], "quant_bits": 1, "quant_scheme": "symmetric", "quant_dtype": "int"}, {}),
+])
+def test_single_level_symmetric_grid_is_refused(method, entry, opts):
+    # a signed symmetric grid at 1 bit of range is {0}: every value would quantize to 0
+    m = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ConfigError, match="single level.*quant_scheme 'affine'"):
+        lowbit.quantize(m, [{**entry, "op_types": ["Linear"]}], method, **opts)
+    assert isinstance(m[0], nn.Linear)
+
+
+def test_one_bit_affine_weights_take_two_levels():
+    torch.manual_seed(0)
+    m = lowbit.quantize(nn.Sequential(nn.Linear(16, 8)),
+                        [{"quant_types": ["weight"], "quant_bits": 1, "quant_scheme": "affine", "op_types": ["Linear"]}],
+                        "ptq")
+    w = m[0].module.weight.detach()
+    wq = m[0].weight_quantizer(w)
+    g = m[0].weight_quantizer.grid()
+    assert (g.qmin, g.qmax) == (-1, 0)
+    assert torch.isfinite(wq).all() and len(torch.unique(wq)) == 2

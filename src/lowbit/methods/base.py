@@ -231,6 +231,8 @@ class Method:
         "output": ("per_tensor",),
     }
     min_range_bits: ClassVar[int] = 1
+    #: quantizers on :func:`code_range`'s grid (QAT, PTQ): a spec whose grid has one level is refused
+    range_grid: ClassVar[bool] = False
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -271,6 +273,12 @@ class Method:
         if spec.range_bits < cls.min_range_bits:
             extra = " (weight_range 'reduced' uses one bit less)" if reduced else ""
             raise ConfigError(f"{cls.name} needs at least {cls.min_range_bits + reduced} bits for {quant_type}{extra}, got {bits}")
+        if cls.range_grid and len(set(code_range(spec))) == 1:
+            how = f"{bits} bits with weight_range 'reduced'" if reduced else f"{bits} bit"
+            raise ConfigError(
+                f"{cls.name} {quant_type}: a signed symmetric grid of {how} has a single level (0), so every "
+                f"value would quantize to 0; use {bits + 1}+ bits, quant_scheme 'affine' or quant_dtype 'uint'"
+            )
         return spec
 
     @classmethod

@@ -25,6 +25,7 @@ __all__ = ["PTQ"]
 @register_method
 class PTQ(Method):
     name = "ptq"
+    range_grid = True
     options = {
         "weight_range": WEIGHT_RANGE,
         "calibration": Option("minmax", one_of("minmax", "percentile"), "'minmax' or 'percentile'", "activation range estimator"),

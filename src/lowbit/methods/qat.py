@@ -26,6 +26,7 @@ __all__ = ["QAT"]
 @register_method
 class QAT(Method):
     name = "qat"
+    range_grid = True
     options = {
         "weight_range": WEIGHT_RANGE,
         "quant_start_step": Option(0, is_int(0), "an integer >= 0", "training forward passes to run in float first"),
