@@ -398,6 +398,18 @@ def test_range_quant_edge_cases(k):
         q(nan)
     with kernels.disabled(), pytest.raises(ValueError, match="contains NaN: training has diverged"):
         _range_quantizer("weight", "current", "symmetric", None, 8)(nan)
+    # an inf would make the EMA range infinite, and every later output NaN: refused, state kept
+    for fused in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not fused:
+                stack.enter_context(kernels.disabled())
+            ema = _range_quantizer("input", "ema", "affine", "uint", 8)
+            ema(torch.rand(8, 8))
+            before = ema.grid().to_dict()
+            with pytest.raises(ValueError, match="contains inf: its range would be infinite"):
+                ema(torch.tensor([[0.5, float("inf")]]))
+            assert ema.grid().to_dict() == before
+            assert torch.isfinite(ema(torch.rand(8, 8))).all()
 
 
 def test_a_stale_build_lock_is_removed(fresh_loader, monkeypatch):

@@ -52,6 +52,20 @@ def test_activation_initialised_on_first_batch_unsigned_when_non_negative():
     assert iq.scale.item() == pytest.approx(2 * x.abs().mean().item() / math.sqrt(15), rel=1e-6)
 
 
+@pytest.mark.parametrize("bad,match", [
+    (torch.tensor([[0.5, float("inf")] + [0.0] * 14]), "contains inf"),
+    (torch.tensor([[0.5, float("nan")] + [0.0] * 14]), "contains NaN"),
+    (torch.empty(0, 16), "first batch, which is empty"),
+])
+def test_activation_step_is_not_initialised_from_a_bad_first_batch(bad, match):
+    w = layer(types=("input",))
+    with pytest.raises(ValueError, match=match):
+        w(bad)
+    assert not w.input_quantizer.initialized  # the next (good) batch initialises it
+    w(torch.rand(32, 16))
+    assert torch.isfinite(w.input_quantizer.scale).all() and w.input_quantizer.initialized
+
+
 def test_activation_signed_detection_and_override():
     w = layer(types=("input",))
     w(torch.randn(32, 16))

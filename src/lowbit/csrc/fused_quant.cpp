@@ -620,6 +620,9 @@ MinMax minmax(const Tensor& x) {
 
 constexpr const char* kNanMessage =
     "the tensor to quantize contains NaN: training has diverged (lower the learning rate, or check the input data)";
+constexpr const char* kInfMessage =
+    "the tensor to quantize contains inf: its range would be infinite and every later output NaN "
+    "(training has diverged, or the input holds inf: lower the learning rate, or check the input data)";
 
 inline double f32(double v) { return static_cast<double>(static_cast<float>(v)); }
 inline double py_min(double a, double b) { return b < a ? b : a; }  // Python's min(a, b)
@@ -634,6 +637,7 @@ py::tuple range_quant(const Tensor& x_in, bool has_prev, double prev_lo, double 
   Tensor x = as_f32(x_in);
   const MinMax m = minmax(x);
   TORCH_CHECK_VALUE(!m.nan, kNanMessage);
+  TORCH_CHECK_VALUE(std::isfinite(m.lo) && std::isfinite(m.hi), kInfMessage);
   const double lo = m.lo, hi = m.hi;
   double tmin = lo, tmax = hi;
   if (has_prev && tracking == kEma) {

@@ -53,6 +53,7 @@ __all__ = [
     "is_number",
     "one_of",
     "code_range",
+    "check_finite",
 ]
 
 
@@ -310,6 +311,17 @@ def code_range(spec: TensorSpec) -> tuple[int, int]:
 NAN_MESSAGE = (
     "the tensor to quantize contains NaN: training has diverged (lower the learning rate, or check the input data)"
 )
+#: the error for an infinite value there: a range or step from it would be infinite (NaN codes) for good
+INF_MESSAGE = (
+    "the tensor to quantize contains inf: its range would be infinite and every later output NaN "
+    "(training has diverged, or the input holds inf: lower the learning rate, or check the input data)"
+)
+
+
+def check_finite(x: Tensor) -> None:
+    """Raise ValueError (:data:`NAN_MESSAGE` / :data:`INF_MESSAGE`) unless every value of ``x`` is finite."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(NAN_MESSAGE if bool(torch.isnan(x).any()) else INF_MESSAGE)
 
 #: lowbit.kernels' range_quant codes of the trackings it implements (percentile stays in Python)
 _FUSED_TRACKING = {"current": 0, "ema": 1, "minmax": 2}
@@ -455,6 +467,8 @@ class RangeQuantizer(Quantizer):
     def _observe_py(self, lo: float, hi: float) -> None:
         if lo != lo or hi != hi:
             raise ValueError(NAN_MESSAGE)
+        if math.isinf(lo) or math.isinf(hi):
+            raise ValueError(INF_MESSAGE)
         st = self._st
         py = st[4]
         tracking = self.tracking

@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
-from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_bool, one_of, register_method
+from .base import (WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, check_finite, is_bool, one_of,
+                   register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -118,6 +119,10 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def _init_from(self, x: Tensor) -> None:
+        if x.numel() == 0:
+            raise ValueError(f"this LSQ {self.quant_type} quantizer initialises its step from its first batch, "
+                             "which is empty: start training (or lowbit.calibrate) with a non-empty batch")
+        check_finite(x)
         if self._auto_sign:
             signed = bool(x.min() < 0)
             self.signed.fill_(signed)
