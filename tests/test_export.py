@@ -356,6 +356,19 @@ def test_never_calibrated_is_refused_and_nothing_written(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
 
 
+def test_before_quant_start_step_is_refused_naming_it(tmp_path):
+    from helpers import train_vae
+
+    m = VAE()
+    lowbit.quantize(m, _cfg(8, 8), "qat", quant_start_step=5)
+    train_vae(m, steps=3)  # still float: the export could not match it
+    with pytest.raises(ExportError, match="'fc1'.*3 of its 5 quant_start_step.*train past"):
+        lowbit.export(m, tmp_path / "vae.onnx")
+    train_vae(m, steps=3)
+    m.eval()
+    lowbit.export(m, tmp_path / "vae.onnx")  # past it: exported
+
+
 def test_nan_scale_is_refused_and_existing_file_kept(tmp_path):
     m = _vae(8, 8)
     state = m.state_dict()  # a checkpoint whose training diverged

@@ -150,6 +150,40 @@ def test_load_calibration_config_errors():
         lowbit.load_calibration_config(other, bad)
 
 
+def test_load_calibration_config_mismatch_names_the_layer_and_changes_nothing():
+    per_channel = lowbit.quantize(VAE(), cfg(granularity={"weight": "per_channel"}), "ptq")
+    lowbit.calibrate(per_channel, [torch.rand(8, 784)])
+    calib = lowbit.calibration_config(per_channel)
+    model = lowbit.quantize(VAE(), cfg(), "ptq")
+    lowbit.calibrate(model, [torch.rand(8, 784)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # fc1's input loads before fc1's weight fails: it must be put back
+    with pytest.raises(lowbit.config.ConfigError, match="'fc1'.*per-channel .400 values.*per-tensor"):
+        lowbit.load_calibration_config(model, calib)
+    with pytest.raises(lowbit.config.ConfigError, match="'fc21'.*'input_scale' must be a number"):
+        lowbit.load_calibration_config(model, {"fc21": {**calib["fc21"], "weight_scale": 0.1, "weight_zero_point": 0, "input_scale": "x"}})
+    # a code range other than the layer's: the quantizer's own message, with the layer named
+    wide = {"fc3": {**calib["fc3"], "weight_scale": 0.1, "weight_zero_point": 0, "weight_qmin": -128}}
+    with pytest.raises(lowbit.config.ConfigError, match="'fc3' weight.*-128"):
+        lowbit.load_calibration_config(model, wide)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_calibration_config_reads_nnis_format():
+    # NNI's export: bits, weight scale/zero point, activation ranges; no qmin/qmax, no input scale
+    model = lowbit.quantize(VAE(), cfg(layers=["fc1"]), "qat")
+    nni = {"fc1": {"weight_bits": 8, "weight_scale": 0.01, "weight_zero_point": 0,
+                   "input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 2.55}}
+    lowbit.load_calibration_config(model, nni)
+    g = model.fc1.input_quantizer.grid()
+    assert (g.qmin, g.qmax, g.zero_point.item()) == (0, 255, 0)
+    assert g.scale.item() == pytest.approx(0.01, rel=1e-6)
+    lsq = lowbit.quantize(VAE(), cfg(layers=["fc1"]), "lsq")
+    with pytest.raises(lowbit.config.ConfigError, match="no input_scale.*LSQQuantizer"):
+        lowbit.load_calibration_config(lsq, {"fc1": {**nni["fc1"]}})
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_fold_reproduces_the_simulated_outputs_exactly(method):
     torch.manual_seed(0)

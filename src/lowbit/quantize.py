@@ -177,36 +177,90 @@ def calibration_config(model: nn.Module) -> dict[str, dict[str, Any]]:
 
 def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, Any]]) -> nn.Module:
     """Set the quantizers of an already quantized ``model`` from :func:`calibration_config`'s
-    output (e.g. read back from JSON).  Weight grids of QAT/PTQ/DoReFa are recomputed from the
-    weights at the next forward pass; LSQ steps and all activation ranges are restored."""
+    output (e.g. read back from JSON) or from NNI's export format.
+
+    Weight grids of QAT/PTQ/DoReFa are recomputed from the weights at the next forward pass; LSQ
+    steps and all activation ranges are restored.  An entry in NNI's format (no ``<type>_qmin`` /
+    ``<type>_qmax``; activations as ``tracked_min_<type>`` / ``tracked_max_<type>`` only) takes the
+    layer's own code range, and QAT/PTQ activation grids are recomputed from the tracked range.
+
+    Raises:
+        ConfigError: the calibration does not fit the model (unknown layer, other bits, per-channel
+            values for a per-tensor quantizer, a missing or non-numeric value, another code
+            range); it names the layer and the value.  The model is then left as it was.
+    """
     layers = quantized_layers(model)
+    plan: list[tuple[Quantizer, AffineGrid, tuple[Tensor, Tensor] | None, str]] = []
     for name, entry in calib.items():
         if name not in layers:
             raise ConfigError(f"calibration names layer {name!r}, which is not quantized in this model; quantized: {list(layers)}")
-        wrapper = layers[name]
-        for t, q in wrapper.quantizers().items():
-            if f"{t}_bits" not in entry:
-                raise ConfigError(f"calibration of {name!r} has no {t}_bits but the layer quantizes its {t}")
-            if entry[f"{t}_bits"] != q.bits:
-                raise ConfigError(f"calibration of {name!r} has {t}_bits {entry[f'{t}_bits']}, the layer {q.bits}")
-            grid = AffineGrid(
-                torch.tensor(entry[f"{t}_scale"], dtype=torch.float32),
-                torch.tensor(entry[f"{t}_zero_point"], dtype=torch.int64),
-                int(entry[f"{t}_qmin"]),
-                int(entry[f"{t}_qmax"]),
-                entry.get(f"{t}_axis"),
-            )
-            tracked = None
-            if t != "weight" and isinstance(q, RangeQuantizer):
-                tracked = (
-                    torch.tensor(entry[f"tracked_min_{t}"], dtype=torch.float32),
-                    torch.tensor(entry[f"tracked_max_{t}"], dtype=torch.float32),
-                )
-            elif t == "weight" and isinstance(q, RangeQuantizer):
-                zp = grid.zero_point.to(torch.float32)
-                tracked = ((grid.qmin - zp) * grid.scale, (grid.qmax - zp) * grid.scale)
-            q.load_grid(grid, tracked)
+        for t, q in layers[name].quantizers().items():
+            item = _calibration_item(name, t, q, entry)
+            if item is not None:
+                plan.append((q, *item, f"{name!r} {t}"))
+    saved = [(q, copy.deepcopy(q.state_dict())) for q, *_ in plan]
+    try:
+        for q, grid, tracked, where in plan:
+            try:
+                q.load_grid(grid, tracked)
+            except ValueError as e:
+                raise ConfigError(f"calibration of {where}: {e}") from None
+    except ConfigError:
+        for q, state in saved:
+            q.load_state_dict(state)
+        raise
     return model
+
+
+def _calibration_item(
+    name: str, t: str, q: Quantizer, entry: Mapping[str, Any]
+) -> tuple[AffineGrid, tuple[Tensor, Tensor] | None] | None:
+    """The grid (and tracked range) one quantizer gets from a calibration entry; None: nothing
+    to load (a QAT/PTQ weight grid given without scale, recomputed from the weights anyway)."""
+    from .fake_quant import affine_qparams_f32
+
+    where = f"calibration of {name!r}"
+
+    def number(key: str) -> Tensor:
+        if key not in entry:
+            raise ConfigError(f"{where} has no {key!r}, which its {t} quantizer ({type(q).__name__}) needs")
+        try:
+            return torch.tensor(entry[key], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: {key!r} must be a number or a list of numbers, got {entry[key]!r}") from None
+
+    if f"{t}_bits" not in entry:
+        raise ConfigError(f"{where} has no {t}_bits but the layer quantizes its {t}")
+    if entry[f"{t}_bits"] != q.bits:
+        raise ConfigError(f"{where} has {t}_bits {entry[f'{t}_bits']}, the layer {q.bits}")
+    qmin = int(number(f"{t}_qmin").item()) if f"{t}_qmin" in entry else int(q.qmin)
+    qmax = int(number(f"{t}_qmax").item()) if f"{t}_qmax" in entry else int(q.qmax)
+    range_q = isinstance(q, RangeQuantizer)
+    tracked = None
+    if t != "weight" and range_q:
+        tracked = (number(f"tracked_min_{t}").float(), number(f"tracked_max_{t}").float())
+    if f"{t}_scale" in entry:
+        scale, zp = number(f"{t}_scale").float(), number(f"{t}_zero_point").round().long()
+    elif tracked is not None and tracked[0].dim() == 0:  # NNI's activation entry: the grid from the range
+        s, z = affine_qparams_f32(tracked[0].item(), tracked[1].item(), qmin, qmax, q.symmetric)
+        scale, zp = torch.tensor(s, dtype=torch.float32), torch.tensor(z, dtype=torch.int64)
+    elif t == "weight" and range_q:
+        return None
+    else:
+        raise ConfigError(f"{where} has no {t}_scale, which its {t} quantizer ({type(q).__name__}) needs "
+                          "(lowbit.calibration_config writes it; NNI's export has none for learned steps)")
+    want = q.scale.numel()
+    if zp.numel() != scale.numel():
+        raise ConfigError(f"{where}: {t}_zero_point has {zp.numel()} values, {t}_scale {scale.numel()}")
+    if scale.numel() != want:
+        kind = lambda n: "per-tensor (one value)" if n == 1 else f"per-channel ({n} values)"  # noqa: E731
+        raise ConfigError(f"{where}: {t}_scale is {kind(scale.numel())} but the layer's {t} quantizer is "
+                          f"{kind(want)}; quantize with the granularity the calibration was made with")
+    axis = entry.get(f"{t}_axis", 0 if want > 1 else None)
+    if t == "weight" and range_q:
+        zpf = zp.to(torch.float32)
+        tracked = ((qmin - zpf) * scale, (qmax - zpf) * scale)
+    return AffineGrid(scale, zp, qmin, qmax, axis), tracked
 
 
 @torch.no_grad()

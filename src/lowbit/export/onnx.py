@@ -247,6 +247,14 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
         weight_bits = None
         info: dict[str, Any] = {}
         if fmt != "onnx-fp32":
+            for what, q in wrapper.quantizers().items():
+                left = q.float_steps_left()
+                if left:
+                    raise ExportError(
+                        f"layer {name!r}: its {what} quantizer has run {q.start_step - left} of its "
+                        f"{q.start_step} quant_start_step training forward passes, so the model still computes in "
+                        "float; train past quant_start_step first (or export format 'onnx-fp32')"
+                    )
             if wrapper.input_quantizer is not None:
                 act_in = _act_grid(wrapper.input_quantizer, "input", name, activations)
             if wrapper.output_quantizer is not None:

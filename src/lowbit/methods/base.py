@@ -152,6 +152,11 @@ class Quantizer(nn.Module):
         """Set the quantizer's state from an exported grid (see ``lowbit.load_calibration_config``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a calibration")
 
+    def float_steps_left(self) -> int:
+        """Training steps still to run before this quantizer quantizes (QAT's ``quant_start_step``);
+        until then its output is its float input."""
+        return 0
+
     def _sync(self) -> None:
         """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
 
@@ -393,6 +398,9 @@ class RangeQuantizer(Quantizer):
     @property
     def _initialized(self) -> bool:
         return self._st[0]
+
+    def float_steps_left(self) -> int:
+        return max(0, self.start_step - self._st[1]) if self.start_step > 0 else 0
 
     def replay_problem(self, steps_ahead: int = 0) -> str | None:
         if self.tracking == "percentile":
