@@ -59,6 +59,37 @@ def test_wrapper_replaces_the_layer_in_place(method):
     assert "fc1.module.weight" in model.state_dict()
 
 
+def test_wrapper_reads_the_layers_attributes_through():
+    model = lowbit.quantize(nn.Sequential(nn.Linear(4, 8), nn.Conv2d(1, 3, 5, stride=2)),
+                            [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear", "Conv2d"]}], "qat")
+    model[0].module.tag = "mine"
+    assert (model[0].in_features, model[0].out_features, model[0].tag) == (4, 8, "mine")
+    assert (model[1].kernel_size, model[1].stride, model[1].out_channels) == ((5, 5), (2, 2), 3)
+    with pytest.raises(AttributeError, match="'QuantWrapper' object .wrapping Linear. has no attribute 'nope'"):
+        model[0].nope
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_layers_own_hooks_still_run(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    seen = []
+    model[0].register_forward_hook(lambda mod, args, out: seen.append((args[0].shape, out.shape)))
+    model[0].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))  # a hook may change the input
+    with pytest.warns(FutureWarning):
+        nn.utils.weight_norm(model[2])  # recomputes the weight from g and v in a forward pre-hook
+    lowbit.quantize(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    x = torch.randn(5, 4)
+    y = model(x)
+    assert seen == [((5, 4), (5, 8))]
+    y.pow(2).sum().backward()
+    last = model[2].module
+    assert last.weight_g.grad is not None and last.weight_v.grad is not None  # g and v train
+    with torch.no_grad():  # the pre-hook doubled fc's input
+        h = model[1](model[0]._forward(2 * x))
+    assert torch.equal(model[2](h), y.detach())
+
+
 def test_print_shows_method_bits_granularity_and_ranges():
     model = lowbit.quantize(VAE(), w8a8(granularity={"weight": "per_channel"}), "qat")
     text = str(model)

@@ -266,3 +266,20 @@ def test_a_quantized_model_compiles_as_one_graph(method):
 
     with tensor_path():
         assert_compiles_like_eager(build)
+
+
+def test_a_layer_registered_under_two_names_is_quantized_under_both():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Linear(4, 4)
+            self.dec = self.enc  # one layer, two names
+
+        def forward(self, x):
+            return self.dec(torch.relu(self.enc(x)))
+
+    model = lowbit.quantize(Tied(), [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}], "qat")
+    assert isinstance(model.enc, QuantWrapper) and model.dec is model.enc
+    assert list(quantized_layers(model)) == ["enc"]
+    plain = lowbit.fold(model)
+    assert isinstance(plain.dec, nn.Linear) and plain.dec is plain.enc

@@ -8,6 +8,8 @@ shows the method, the bits and granularity of each quantized tensor and, once kn
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,6 +59,12 @@ class QuantWrapper(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m = self.module
+        if m._forward_pre_hooks or m._forward_hooks:
+            return self._forward_with_layer_hooks(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        m = self.module
         w = m.weight if self.weight_quantizer is None else self.weight_quantizer(m.weight)
         iq = self.input_quantizer
         y = None
@@ -73,6 +81,43 @@ class QuantWrapper(nn.Module):
         if self.grad_quantizer is not None:
             y = self.grad_quantizer(y)
         return y
+
+    def _forward_with_layer_hooks(self, x: Tensor) -> Tensor:
+        """The layer's own forward pre-hooks and forward hooks (a user's, or ``weight_norm`` /
+        ``spectral_norm``, which recompute the weight in a pre-hook) run around the quantized
+        computation, as they would around the float layer."""
+        m = self.module
+        args: tuple[Any, ...] = (x,)
+        for hid, hook in list(m._forward_pre_hooks.items()):
+            if hid in m._forward_pre_hooks_with_kwargs:
+                res = hook(m, args, {})
+                if res is not None:
+                    args = res[0]
+            else:
+                res = hook(m, args)
+                if res is not None:
+                    args = res if isinstance(res, tuple) else (res,)
+        y = self._forward(*args)
+        for hid, hook in list(m._forward_hooks.items()):
+            res = hook(m, args, {}, y) if hid in m._forward_hooks_with_kwargs else hook(m, args, y)
+            if res is not None:
+                y = res
+        return y
+
+    def __getattr__(self, name: str) -> Any:
+        # the layer's own attributes (in_features, kernel_size, a user's tag) read through the
+        # wrapper, so code written for the float model keeps working; the wrapper's parameters,
+        # buffers and submodules are found first, as for any nn.Module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__["_modules"].get("module")
+            if layer is None or name == "module":
+                raise
+        try:
+            return getattr(layer, name)
+        except AttributeError:
+            raise AttributeError(f"'QuantWrapper' object (wrapping {type(layer).__name__}) has no attribute {name!r}") from None
 
     @property
     def weight(self) -> Tensor:

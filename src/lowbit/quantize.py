@@ -36,6 +36,21 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+def _registrations(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every name it is registered under`` (a tied layer has several)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            out.setdefault(id(module), []).append(name)
+    return out
+
+
+def _replace(model: nn.Module, names: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` in every place ``old`` is registered in ``model`` (``names``: :func:`_registrations`)."""
+    for name in names[id(old)]:
+        setattr(*_parent(model, name), new)
+
+
 def quantize(
     model: nn.Module,
     config_list: Sequence[Mapping[str, Any]],
@@ -57,6 +72,7 @@ def quantize(
     """
     method_cls = get_method(method)
     specs = parse_config(config_list, model, method_cls.name, options)
+    names = _registrations(model)
     for name, spec in specs.items():
         parent, attr = _parent(model, name)
         layer = getattr(parent, attr)
@@ -74,7 +90,7 @@ def quantize(
         for q in wrapper.quantizers().values():
             q.to(device=ref.device)
         wrapper.train(layer.training)
-        setattr(parent, attr, wrapper)
+        _replace(model, names, layer, wrapper)  # a layer registered under several names: under all of them
     if optimizer is not None:
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         new = [p for p in quantizer_parameters(model) if id(p) not in known]
@@ -274,10 +290,10 @@ def fold(model: nn.Module) -> nn.Module:
     approximately otherwise.  ``model`` itself is not changed.
     """
     folded = copy.deepcopy(model)
-    for name, wrapper in quantized_layers(folded).items():
+    names = _registrations(folded)
+    for wrapper in quantized_layers(folded).values():
         layer = wrapper.module
         wq = wrapper.quantized_weight()
         layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
-        parent, attr = _parent(folded, name)
-        setattr(parent, attr, layer)
+        _replace(folded, names, wrapper, layer)
     return folded
