@@ -84,6 +84,14 @@ def test_options_are_parsed_as_json_values_and_reach_the_study():
     assert cfg.extra_options == {"dorefa_variant": "paper", "quant_start_step": 200}
     args = build_parser().parse_args(["train", "--method", "lsq", "--option", "lsq_plus=true"])
     assert args.option == [("lsq_plus", True)]
+    args = build_parser().parse_args(["train", "--option", "lsq_plus=True", "--option", "gradient_bits=None"])
+    assert args.option == [("lsq_plus", True), ("gradient_bits", None)]  # Python's spelling too
+
+
+def test_unknown_method_is_named_and_nothing_written(tmp_path, capsys):
+    assert main(["train", "--method", "foo", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown method 'foo'; known methods: dorefa, lsq, ptq, qat" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_study_option_for_no_studied_method_is_a_clear_error(capsys):

@@ -124,6 +124,9 @@ def test_error_unknown_key_lists_the_accepted_keys():
     msg = _err([{**W8, "op_types": ["Linear"], "quant_start_step": 3}], "lsq")
     assert "option of qat" in msg
     assert "unknown" in _err([{**W8, "op_types": ["Linear"]}], "qat", bogus=1)
+    # a config-list key given as a method option says where it belongs
+    msg = _err([{**W8, "op_types": ["Linear"]}], "qat", quant_bits=4)
+    assert "'quant_bits' belongs in a config_list entry" in msg and "quant_start_step" in msg
 
 
 def test_error_layer_name_that_does_not_exist_lists_valid_names():
@@ -137,6 +140,13 @@ def test_error_layer_name_that_does_not_exist_lists_valid_names():
 def test_error_bits_outside_1_to_16(bits):
     msg = _err([{"quant_types": ["weight"], "quant_bits": bits, "op_names": ["fc1"]}])
     assert "quant_bits" in msg
+
+
+def test_numpy_integer_bits_are_integers():
+    import numpy as np
+
+    specs = parse_config([{"quant_types": ["weight"], "quant_bits": np.int64(4), "op_names": ["fc1"]}], VAE(), "qat")
+    assert specs["fc1"].weight.bits == 4 and type(specs["fc1"].weight.bits) is int
 
 
 def test_error_quant_types():
@@ -200,6 +210,9 @@ def test_error_already_quantized():
     # selecting by type on a model whose layers of that type are all quantized says so
     msg = _err([{**W8, "op_types": ["Linear"]}], model=model)
     assert "already quantized" in msg and "'fc1', 'fc21', 'fc22', 'fc3', 'fc4' are" in msg
+    # the float layer inside a wrapper is not a layer to quantize again
+    assert "'fc1.module' is the layer inside 'fc1', which is already quantized" in _err(
+        [{**W8, "op_names": ["fc1.module"]}], model=model)
 
 
 def test_config_errors_come_before_any_change_to_the_model():

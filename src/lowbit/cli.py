@@ -49,6 +49,9 @@ def _option(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. dorefa_variant=paper), got {text!r}")
+    python_literals = {"True": True, "False": False, "None": None}  # lsq_plus=True as in Python
+    if raw.strip() in python_literals:
+        return key.strip(), python_literals[raw.strip()]
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -162,6 +165,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .presets import resolve_config
     from .report import print_run_table
 
+    if args.method:
+        from .methods import get_method
+
+        get_method(args.method)  # an unknown method is named as such, before its config is looked up
     config = resolve_config(args.method, args.config) if args.method else None
     if args.config and not args.method:
         raise ValueError("--config needs --method (qat, dorefa, lsq or ptq)")

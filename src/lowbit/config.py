@@ -27,6 +27,7 @@ entries that select nothing.  Errors are :class:`ConfigError` (a ``ValueError``)
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -184,11 +185,11 @@ def _per_type(value: Any, key: str, types: Sequence[str], where: str, require_al
 
 
 def _check_bits(bits: Any, quant_type: str, where: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):  # numpy integers too
         raise ConfigError(f"{where}: quant_bits for {quant_type!r} must be an integer, got {bits!r}")
     if not 1 <= bits <= MAX_BITS:
         raise ConfigError(f"{where}: quant_bits for {quant_type!r} is {bits}; lowbit supports 1 to {MAX_BITS} bits")
-    return bits
+    return int(bits)
 
 
 def _check_options(method_cls: type["Method"], given: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -233,6 +234,11 @@ def parse_config(
         raise ConfigError("config_list is empty: nothing to quantize")
     options = dict(options or {})
     for key in options:
+        if key in NNI_KEYS:
+            raise ConfigError(
+                f"quantize() options: {key!r} belongs in a config_list entry, not in the options "
+                f"(which are {method_cls.name}'s method options: {', '.join(sorted(method_cls.options))})"
+            )
         if key not in method_cls.options:
             raise ConfigError(_unknown_key_message(key, method_cls, "quantize() options"))
     base_options = {k: opt.default for k, opt in method_cls.options.items()}
@@ -295,6 +301,9 @@ def parse_config(
                     )
                 if all_modules[n] == "QuantWrapper":
                     raise ConfigError(f"{where}: layer {n!r} is already quantized")
+                owner = n.rpartition(".")[0]
+                if owner in all_modules and all_modules[owner] == "QuantWrapper":
+                    raise ConfigError(f"{where}: {n!r} is the layer inside {owner!r}, which is already quantized")
                 if n not in layers:
                     raise ConfigError(
                         f"{where}: {n!r} is a {all_modules[n]}, which lowbit cannot quantize; "
