@@ -108,11 +108,14 @@ class QuantWrapper(nn.Module):
         # the layer's own attributes (in_features, kernel_size, a user's tag) read through the
         # wrapper, so code written for the float model keeps working; the wrapper's parameters,
         # buffers and submodules are found first, as for any nn.Module
+        modules = self.__dict__["_modules"]
+        if name in modules:  # the quantizers and the layer: first, the forward pass reads them
+            return modules[name]
         try:
             return super().__getattr__(name)
         except AttributeError:
-            layer = self.__dict__["_modules"].get("module")
-            if layer is None or name == "module":
+            layer = modules.get("module")
+            if layer is None:
                 raise
         try:
             return getattr(layer, name)
