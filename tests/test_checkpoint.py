@@ -52,8 +52,11 @@ def test_a_run_keeps_its_meaning_when_a_default_changes(tmp_path, monkeypatch):
     scaled = lowbit.quantize(VAE(), cfg, "dorefa", dorefa_variant="scaled")
     save_run(old, scaled, model_spec={"name": "vae", "kwargs": {}}, quant=quant)
     meta = json.loads((old / "meta.json").read_text())
-    del meta["quant"]["method_defaults"], meta["lowbit"]
+    del meta["quant"]["method_defaults"], meta["lowbit"], meta["weights_sha256"]  # none of them then
     (old / "meta.json").write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(old / "model.safetensors"), old / "model.safetensors")  # no digest in its header
     assert load_model(old).fc1.weight_quantizer.variant == "scaled"
 
 
@@ -114,3 +117,70 @@ def test_output_path_that_is_a_file_is_explained(tmp_path):
         ensure_dir(tmp_path / "f")
     with pytest.raises(CheckpointError, match="cannot create"):
         ensure_dir(tmp_path / "f" / "sub")
+
+
+def _two_runs(tmp_path):
+    import lowbit
+
+    runs = {}
+    for bits in (8, 4):
+        cfg = [{"quant_types": ["weight"], "quant_bits": bits, "op_types": ["Linear"]}]
+        torch.manual_seed(0)
+        model = lowbit.quantize(VAE(), cfg, "lsq")
+        runs[bits] = save_run(tmp_path / f"w{bits}", model, model_spec={"name": "vae", "kwargs": {}},
+                              quant={"method": "lsq", "config_list": cfg, "options": {}})
+    return runs
+
+
+def test_weights_and_meta_vouch_for_each_other(tmp_path):
+    import shutil
+
+    runs = _two_runs(tmp_path)
+    load_model(runs[4])
+    # weights copied from the 8-bit run into the 4-bit one
+    bad = tmp_path / "copied"
+    shutil.copytree(runs[4], bad)
+    shutil.copy(runs[8] / "model.safetensors", bad / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not the file this run saved"):
+        load_model(bad)
+    # ... and with the digest dropped from meta.json, the weights' header still knows their config
+    meta = json.loads((bad / "meta.json").read_text())
+    del meta["weights_sha256"]
+    (bad / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not describe the model"):
+        load_model(bad)
+    # meta.json edited to other bits
+    edited = tmp_path / "edited"
+    shutil.copytree(runs[4], edited)
+    meta = json.loads((edited / "meta.json").read_text())
+    meta["quant"]["config_list"][0]["quant_bits"] = 2
+    (edited / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not describe the model"):
+        load_model(edited)
+    # a block of the weights zeroed on disk (the header intact)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs[4], damaged)
+    data = bytearray((damaged / "model.safetensors").read_bytes())
+    data[-4000:-2000] = bytes(2000)
+    (damaged / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        load_model(damaged)
+    # meta.json that is not an object
+    (damaged / "meta.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        load_model(damaged)
+
+
+def test_truncated_or_foreign_optimizer_state_is_reported(tmp_path, tiny_images):
+    model = VAE()
+    opt = make_optimizer(model)
+    fit(model, tiny_images[:128], epochs=1, batch_size=64, optimizer=opt, progress=False)
+    save_optimizer(tmp_path, opt)
+    data = (tmp_path / "optimizer.safetensors").read_bytes()
+    (tmp_path / "optimizer.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="unreadable or truncated.*fresh optimizer"):
+        load_optimizer(tmp_path, make_optimizer(model))
+    save_run(tmp_path, model, model_spec={"name": "vae", "kwargs": {}})
+    (tmp_path / "optimizer.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="holds no lowbit optimizer state"):
+        load_optimizer(tmp_path, make_optimizer(model))

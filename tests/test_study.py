@@ -169,3 +169,39 @@ def test_study_options_reach_only_the_methods_that_accept_them():
         StudyConfig(methods=("qat",), extra_options={"lsq_plus": True})
     with pytest.raises(ValueError, match="'learned', 'scaled' or 'paper'"):
         StudyConfig(methods=("dorefa",), extra_options={"dorefa_variant": "max"})
+
+
+def test_resume_checks_the_weights_and_an_interrupted_rerun_drops_the_old_record(tmp_path, tiny_images, monkeypatch):
+    import lowbit.experiment as experiment
+    from lowbit.checkpoint import CheckpointError
+    from lowbit.experiment import RECORD, RunSpec, run_experiment
+    from lowbit.study import _finished
+
+    train, test = tiny_images[:256], tiny_images[256:]
+    base = RunSpec(name="fp32", epochs=1, batch_size=64, iwae_k=0)
+    record = run_experiment(base, train, test, tmp_path / "fp32", progress=False)
+    key = record["key"]
+    assert _finished(tmp_path / "fp32", key)["after"] == record["after"]
+    weights = tmp_path / "fp32" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + bytes(8))  # damaged on disk: redone, not reused
+    assert _finished(tmp_path / "fp32", key) is None
+    weights.unlink()
+    assert _finished(tmp_path / "fp32", key) is None
+    weights.write_bytes(good)
+    assert _finished(tmp_path / "fp32", key) is not None
+    # a run with other settings started in that folder and killed before it finished: the old
+    # record must not stay beside files that are no longer its own
+    ptq = RunSpec(name="ptq", epochs=1, batch_size=64, iwae_k=0, method="ptq", config_list=[
+        {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}])
+    run_experiment(ptq, train, test, tmp_path / "ptq", init=tmp_path / "fp32", progress=False)
+    assert (tmp_path / "ptq" / RECORD).exists()
+    other = RunSpec(name="ptq", epochs=1, batch_size=64, iwae_k=0, method="ptq", config_list=ptq.config_list,
+                    options={"calibration": "percentile"})
+    monkeypatch.setattr(experiment, "_calibrate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(other, train, test, tmp_path / "ptq", init=tmp_path / "fp32", progress=False)
+    assert not (tmp_path / "ptq" / RECORD).exists()
+    # a quantized run is not a starting point for another quantized run
+    with pytest.raises(CheckpointError, match="is a quantized run .ptq.; start from a float run"):
+        run_experiment(ptq, train, test, tmp_path / "again", init=tmp_path / "ptq", progress=False)

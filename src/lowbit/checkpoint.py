@@ -5,10 +5,17 @@ A run directory holds ``model.safetensors`` (the state dict, quantizer state inc
 method, config list, options and the method's option defaults at save time).  :func:`load_model`
 rebuilds the model from those alone: no pickle, no code from the files is executed.  Because the
 defaults are saved, a run keeps its meaning when a later lowbit changes a default.
+
+The two files vouch for each other (since 0.3.5): ``meta.json`` keeps the SHA-256 of the weights
+file (``weights_sha256``), and the weights file's header keeps the digest of the meta's
+``model`` and ``quant`` entries (``lowbit.rebuild_sha256``).  Loading checks both, so weights
+damaged on disk, weights copied from another run, or a ``meta.json`` edited to other bits are
+refused instead of being evaluated as something they are not.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +38,7 @@ __all__ = [
     "load_model",
     "save_optimizer",
     "load_optimizer",
+    "weights_digest",
     "WEIGHTS",
     "META",
 ]
@@ -131,27 +139,65 @@ def save_run(
 
     run_dir = ensure_dir(run_dir)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(run_dir / WEIGHTS, save(state))
     if quant:
         from .methods import get_method
 
         quant = {**quant, "method_defaults": get_method(quant["method"]).option_defaults()}
-    meta = {"model": model_spec, "quant": quant, "lowbit": __version__, **(extra or {})}
+    blob = save(state, metadata={REBUILD_KEY: _rebuild_digest(model_spec, quant)})
+    meta = {"model": model_spec, "quant": quant, "lowbit": __version__,
+            "weights_sha256": hashlib.sha256(blob).hexdigest(), **(extra or {})}
+    atomic_write_bytes(run_dir / WEIGHTS, blob)
     write_json(run_dir / META, meta)
     return run_dir
 
 
+#: the safetensors header key holding :func:`_rebuild_digest` of the run's meta
+REBUILD_KEY = "lowbit.rebuild_sha256"
+
+
+def _rebuild_digest(model_spec: Any, quant: Any) -> str:
+    """Digest of what rebuilds the model (its spec and quantization), as JSON."""
+    return hashlib.sha256(json.dumps([model_spec, quant], sort_keys=True).encode()).hexdigest()
+
+
+def weights_digest(run_dir: str | os.PathLike) -> str | None:
+    """SHA-256 of the run's weights file, or None when it has none."""
+    path = Path(run_dir) / WEIGHTS
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_state(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict and meta of a run directory."""
+    """The state dict and meta of a run directory, checked against each other (see the module
+    docstring; runs saved before 0.3.5 carry no digests and are read unchecked)."""
+    from safetensors import safe_open
+
     run_dir = Path(run_dir)
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{run_dir} holds no {WEIGHTS}: not a lowbit run directory (train one with `lowbit train --out {run_dir}`)")
     meta = read_json(run_dir / META)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{run_dir / META} is not a JSON object (found a {type(meta).__name__}); restore it or retrain the run")
+    want = meta.get("weights_sha256")
+    if want is not None and weights_digest(run_dir) != want:
+        raise CheckpointError(f"{weights} is not the file this run saved (its SHA-256 differs from {META}'s "
+                              "weights_sha256: damaged on disk or copied from another run); retrain or restore it")
     try:
         state = load_file(str(weights))
+        with safe_open(str(weights), framework="pt") as f:
+            header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{weights} is unreadable or truncated ({e}); retrain or restore it") from e
+    saved_for = header.get(REBUILD_KEY)
+    if saved_for is not None and saved_for != _rebuild_digest(meta.get("model"), meta.get("quant")):
+        raise CheckpointError(f"{run_dir / META} does not describe the model in {WEIGHTS} (its model or quant "
+                              "entry was edited, or the files come from different runs); restore it or retrain the run")
     return state, meta
 
 
@@ -159,7 +205,10 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     """Rebuild the model saved in ``run_dir`` (quantized if it was) with its trained state."""
     state, meta = load_state(run_dir)
     spec = meta.get("model") or {}
-    model = build_model(spec.get("name", "vae"), **spec.get("kwargs", {}))
+    try:
+        model = build_model(spec.get("name", "vae"), **spec.get("kwargs", {}))
+    except TypeError as e:
+        raise CheckpointError(f"{run_dir / META}: its model kwargs do not build the model ({e})") from e
     quant = meta.get("quant")
     if quant:
         from .quantize import quantize
@@ -168,7 +217,10 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
         if defaults is None:  # saved by lowbit < 0.2.0
             defaults = _LEGACY_DEFAULTS.get(quant["method"], {})
         quantize(model, quant["config_list"], method=quant["method"], **{**defaults, **quant.get("options", {})})
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit
+        raise CheckpointError(f"{run_dir}: the saved state does not fit the rebuilt model ({e})") from e
     if missing or unexpected:
         raise CheckpointError(
             f"{run_dir}: the saved state does not fit the rebuilt model (missing {missing}, unexpected {unexpected})"
@@ -201,9 +253,15 @@ def load_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer)
         return False
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fix = "retrain the run it belongs to, or delete the file to start from a fresh optimizer"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path} is unreadable or truncated ({e}); {fix}") from e
+    if "scalars" not in header or "param_groups" not in header:
+        raise CheckpointError(f"{path} holds no lowbit optimizer state (its header lacks scalars/param_groups); {fix}")
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         idx, name = key.split(".", 1)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
-from .checkpoint import load_optimizer, load_state, save_optimizer, save_run, write_json
+from .checkpoint import CheckpointError, load_optimizer, load_state, save_optimizer, save_run, weights_digest, write_json
 from .models import build_model
 from .train import EvalResult, evaluate, fit, make_optimizer, time_eval
 
@@ -168,13 +168,22 @@ def run_experiment(
         the record written to ``out_dir/result.json``.
     """
     out_dir = Path(out_dir)
+    # a record left by an earlier run in this folder goes first: once this run starts overwriting
+    # the folder's files, that record no longer describes them (a resumed study would reuse them)
+    (out_dir / RECORD).unlink(missing_ok=True)
     device = torch.device(check_device(spec.device))
     train_images, test_images = train_images.to(device), test_images.to(device)
     torch.manual_seed(spec.seed)  # the model's initialisation is part of the run's seed (drawn on the CPU)
     model = build_model(spec.model["name"], **spec.model.get("kwargs", {}))
     if init is not None:
-        state, _ = load_state(init)
-        model.load_state_dict(state)
+        state, init_meta = load_state(init)
+        if init_meta.get("quant"):
+            raise CheckpointError(f"{init} is a quantized run ({init_meta['quant'].get('method')}); start from a "
+                                  "float run (lowbit train without --method), then quantize with --method")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{init}: its weights do not fit this run's model ({e})") from e
     model.to(device)  # before quantizing: the quantizers' state is made on the model's device
     optimizer = make_optimizer(model, spec.lr)
     if init is not None:
@@ -221,6 +230,7 @@ def run_experiment(
     }
     save_run(out_dir, model, model_spec=spec.model, quant=quant, extra={"key": record["key"], "seed": spec.seed})
     save_optimizer(out_dir, optimizer)
+    record["weights_sha256"] = weights_digest(out_dir)  # a resumed study checks the weights are these
     write_json(out_dir / RECORD, record)  # written last: its presence marks the run finished
     return record
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, ensure_dir, read_json, write_json
+from .checkpoint import CheckpointError, ensure_dir, read_json, weights_digest, write_json
 from .experiment import RECORD, RunSpec, check_device, machine_info, run_experiment
 from .methods import get_method
 from .presets import REFERENCE, reference_config
@@ -162,7 +162,8 @@ def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
 
 
 def _finished(folder: Path, key: str) -> dict | None:
-    """The run's record if it finished with this exact configuration, else None."""
+    """The run's record if it finished with this exact configuration and its weights are the
+    ones it saved (records before 0.3.5 hold no digest: their weights must exist), else None."""
     path = folder / RECORD
     if not path.is_file():
         return None
@@ -170,7 +171,16 @@ def _finished(folder: Path, key: str) -> dict | None:
         record = read_json(path)
     except CheckpointError:
         return None
-    return record if record.get("key") == key else None
+    if not isinstance(record, dict) or record.get("key") != key or "after" not in record:
+        return None
+    digest = weights_digest(folder)
+    if digest is None or record.get("weights_sha256", digest) != digest:
+        from .progress import console
+
+        console.print(f"[yellow]{folder}: its weights are missing or not the ones its record was made with; "
+                      "redoing that run[/yellow]")
+        return None
+    return record
 
 
 def load_records(out: Path, plan: list[PlannedRun]) -> dict[str, dict]:
