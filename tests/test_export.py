@@ -309,20 +309,24 @@ def test_conv2d_exports_to_integer_conv(tmp_path):
 
 
 class _Twice(nn.Module):
-    """One Linear called twice (weights tied across depth), then a head."""
+    """One Linear called twice (weights tied across depth), then a head; ``alias``: the second
+    call goes through a second attribute naming the same layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, alias: bool = False) -> None:
         super().__init__()
         self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+        if alias:
+            self.again = self.fc
 
     def forward(self, x):
-        return self.out(torch.relu(self.fc(torch.relu(self.fc(x)))))
+        second = getattr(self, "again", self.fc)
+        return self.out(torch.relu(second(torch.relu(self.fc(x)))))
 
 
-@pytest.mark.parametrize("fmt,bits_w", [("onnx-int8", 8), ("onnx-int4", 4)])
-def test_layer_called_twice_exports_once_and_runs(tmp_path, fmt, bits_w):
+@pytest.mark.parametrize("fmt,bits_w,alias", [("onnx-int8", 8, False), ("onnx-int4", 4, False), ("onnx-int8", 8, True)])
+def test_layer_called_twice_exports_once_and_runs(tmp_path, fmt, bits_w, alias):
     torch.manual_seed(0)
-    model = _Twice()
+    model = _Twice(alias)
     lowbit.quantize(model, [{"quant_types": ["weight", "input"], "quant_bits": {"weight": bits_w, "input": 8},
                              "op_types": ["Linear"]}], "ptq")
     x = torch.randn(64, 8)
@@ -432,11 +436,18 @@ def test_export_run_writes_both_vae_graphs(tmp_path):
     with pytest.raises(ExportError, match="8-bit"):
         export_run(run, tmp_path / "out4" / "vae.onnx", "onnx-int4")
     assert not (tmp_path / "out4" / "vae.onnx").exists() and not (tmp_path / "out4" / "vae.eps.onnx").exists()
+    # an output path that is a folder: refused before either file is written
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ExportError, match="is a folder; give a file name"):
+        export_run(run, tmp_path / "adir", "onnx-int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "out", "run"] and not list((tmp_path / "adir").iterdir())
 
 
 def test_fp32_format_of_an_unquantized_model(tmp_path):
     torch.manual_seed(0)
     m = VAE().eval()
+    with pytest.raises(ExportError, match="not quantized.*onnx-fp32"):  # int8 of a float model: nothing to store
+        lowbit.export(m, tmp_path / "i.onnx", "onnx-int8", vae_graph="eps")
     path = lowbit.export(m, tmp_path / "f.onnx", "onnx-fp32", vae_graph="eps")
     x, eps = _images(50), eval_eps(50, 20)
     out = rt.load_session(path).run(x.numpy(), eps.numpy())

@@ -293,11 +293,12 @@ def float_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every quantized layer replaced by its float layer (quantizers dropped)."""
     import copy
 
-    from .export.onnx import _replace, find_quantized_layers
+    from .export.onnx import find_quantized_layers
+    from .modules import replace_module
 
     work = copy.deepcopy(model).eval()
-    for name, wrapper in find_quantized_layers(work):
-        _replace(work, name, wrapper.module)
+    for _, wrapper in find_quantized_layers(work):
+        replace_module(work, wrapper, wrapper.module)
     return work
 
 

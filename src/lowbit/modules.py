@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .config import LayerSpec
 from .methods.base import Quantizer
 
-__all__ = ["QuantWrapper"]
+__all__ = ["QuantWrapper", "module_names", "replace_module"]
 
 
 class QuantWrapper(nn.Module):
@@ -160,3 +160,22 @@ class QuantWrapper(nn.Module):
         if self.grad_quantizer is not None:
             parts.append(f"gradient={self.grad_quantizer.bits}b")
         return ", ".join(parts)
+
+
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module) -> every name it is registered under in model`` (a tied layer has several)."""
+    out: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            out.setdefault(id(module), []).append(name)
+    return out
+
+
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module, names: dict[int, list[str]] | None = None) -> None:
+    """Put ``new`` in every place ``old`` is registered in ``model`` (under each of its names).
+
+    ``names``: :func:`module_names` of ``model``, when replacing many modules (saves a walk each).
+    """
+    for name in (names if names is not None else module_names(model)).get(id(old), []):
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)

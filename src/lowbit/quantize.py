@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .config import QUANT_TYPES, ConfigError, parse_config
 from .fake_quant import AffineGrid
 from .methods import NotCalibratedError, Quantizer, RangeQuantizer, get_method
-from .modules import QuantWrapper
+from .modules import QuantWrapper, module_names, replace_module
 
 __all__ = [
     "quantize",
@@ -29,26 +29,6 @@ __all__ = [
     "load_calibration_config",
     "fold",
 ]
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
-
-
-def _registrations(model: nn.Module) -> dict[int, list[str]]:
-    """``id(module) -> every name it is registered under`` (a tied layer has several)."""
-    out: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if name:
-            out.setdefault(id(module), []).append(name)
-    return out
-
-
-def _replace(model: nn.Module, names: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` in every place ``old`` is registered in ``model`` (``names``: :func:`_registrations`)."""
-    for name in names[id(old)]:
-        setattr(*_parent(model, name), new)
 
 
 def quantize(
@@ -72,10 +52,9 @@ def quantize(
     """
     method_cls = get_method(method)
     specs = parse_config(config_list, model, method_cls.name, options)
-    names = _registrations(model)
+    names = module_names(model)
     for name, spec in specs.items():
-        parent, attr = _parent(model, name)
-        layer = getattr(parent, attr)
+        layer = model.get_submodule(name)
         qs = {t: (method_cls.build_quantizer(getattr(spec, t), spec, layer) if getattr(spec, t) else None) for t in QUANT_TYPES}
         wrapper = QuantWrapper(
             layer,
@@ -90,7 +69,7 @@ def quantize(
         for q in wrapper.quantizers().values():
             q.to(device=ref.device)
         wrapper.train(layer.training)
-        _replace(model, names, layer, wrapper)  # a layer registered under several names: under all of them
+        replace_module(model, layer, wrapper, names)  # a layer registered under several names: under all of them
     if optimizer is not None:
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         new = [p for p in quantizer_parameters(model) if id(p) not in known]
@@ -290,10 +269,10 @@ def fold(model: nn.Module) -> nn.Module:
     approximately otherwise.  ``model`` itself is not changed.
     """
     folded = copy.deepcopy(model)
-    names = _registrations(folded)
+    names = module_names(folded)
     for wrapper in quantized_layers(folded).values():
         layer = wrapper.module
         wq = wrapper.quantized_weight()
         layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
-        _replace(folded, names, wrapper, layer)
+        replace_module(folded, wrapper, layer, names)
     return folded

@@ -74,6 +74,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
     if _is_vae(model):
         det = export_onnx_bytes(model, format, vae_graph="deterministic")
         eps = export_onnx_bytes(model, format, vae_graph="eps")
+        for path in (out, eps_path(out)):  # both paths usable before either file is written
+            if path.is_dir():
+                raise ExportError(f"{path} is a folder; give a file name (e.g. {path / 'model.onnx'})")
         _atomic_write(eps_path(out), eps)
         return _atomic_write(out, det)
     raise ExportError(f"{run_dir}: export_run knows how to trace lowbit's VAE; for a "

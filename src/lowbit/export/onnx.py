@@ -92,12 +92,15 @@ def _is_wrapper(m: nn.Module) -> bool:
 def find_quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, wrapper)`` of every quantized layer, outermost first (not nested)."""
     found: list[tuple[str, nn.Module]] = []
+    seen: set[int] = set()  # a wrapper registered under two names (tied layers) is one layer
 
     def walk(mod: nn.Module, prefix: str) -> None:
         for name, child in mod.named_children():
             full = f"{prefix}.{name}" if prefix else name
             if _is_wrapper(child):
-                found.append((full, child))
+                if id(child) not in seen:
+                    seen.add(id(child))
+                    found.append((full, child))
             else:
                 walk(child, full)
 
@@ -219,7 +222,11 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
     if activations not in ("uint8", "int8"):
         raise ExportError(f"activations must be 'uint8' or 'int8', got {activations!r}")
     plans = []
-    for index, (name, wrapper) in enumerate(find_quantized_layers(model)):
+    layers = find_quantized_layers(model)
+    if not layers and fmt != "onnx-fp32":
+        raise ExportError(f"the model is not quantized, so {fmt} has nothing to store in integers; quantize "
+                          "(and train or calibrate) it first, or export it as onnx-fp32")
+    for index, (name, wrapper) in enumerate(layers):
         layer = wrapper.module
         if isinstance(layer, nn.Linear):
             kind = "linear"
@@ -350,14 +357,6 @@ class _Marker(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _QLayerOp.apply(x, self.index, self.layer(x))
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent = model
-    parts = name.split(".")
-    for p in parts[:-1]:
-        parent = getattr(parent, p)
-    setattr(parent, parts[-1], new)
 
 
 class _VAEDeterministic(nn.Module):
@@ -842,12 +841,15 @@ def export_onnx_bytes(
     work = copy.deepcopy(model).cpu()
     plans = plan_layers(work, format, activations)
     work = work.float().eval()
-    for p, (name, wrapper) in zip(plans, find_quantized_layers(work)):
+    from ..modules import module_names, replace_module
+
+    names = module_names(work)
+    for p, (_, wrapper) in zip(plans, find_quantized_layers(work)):
         layer = wrapper.module
         if format == "onnx-fp32":
-            _replace(work, name, layer)  # the float layer, quantizers dropped
+            replace_module(work, wrapper, layer, names)  # the float layer, quantizers dropped
         else:
-            _replace(work, name, _Marker(layer, p.index))
+            replace_module(work, wrapper, _Marker(layer, p.index), names)
     if example_inputs is None:
         d = _default_inputs(work, vae_graph)
         if d is None:
