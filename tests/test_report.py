@@ -80,3 +80,29 @@ def test_same_configs_are_not_flagged():
     losses = {"fp32-baseline": [105.0], "fp32-control": [104.0], "qat-w8": [104.1], "lsq-w8": [104.2]}
     (best,) = summarize(cfg, plan_runs(cfg), _records(cfg, losses))["best"]
     assert best["best"] == "qat-w8" and "differs" not in best and best["margin"]["ci95"] is None
+
+
+def test_a_diverged_cell_is_never_ranked_best_and_summary_json_stays_strict(tmp_path):
+    import json
+    import math
+
+    import pytest
+    import torch
+
+    from lowbit.report import _strict_json, write_report
+
+    nan = float("nan")
+    cfg = StudyConfig(methods=("dorefa", "lsq"), bits=(8,), seeds=3, deploy=False)
+    losses = {"fp32-baseline": [105.0, 105.2, 104.9], "fp32-control": [104.0, 104.1, 103.9],
+              "dorefa-w8": [106.0, 106.3, 106.1], "lsq-w8": [nan, 103.0, 103.1], "ptq-w8": [116.0, 115.0, 117.0]}
+    for methods in (("dorefa", "lsq"), ("lsq", "dorefa")):  # whatever the order of the cells
+        cfg = StudyConfig(methods=methods, bits=(8,), seeds=3, deploy=False)
+        summary = summarize(cfg, plan_runs(cfg), _records(cfg, losses))
+        assert summary["best"][0]["best"] == "dorefa-w8"
+        text = " ".join(summary["text"])
+        assert "**lsq-w8** has a non-finite test loss" in text and "nan" not in text.lower().replace("nats", "")
+    cells = {c["name"]: c for c in summary["cells"]}
+    assert math.isnan(cells["lsq-w8"]["loss"]["mean"]) and cells["lsq-w8"]["loss"]["ci95"] is None
+    assert json.loads(json.dumps(_strict_json(summary), allow_nan=False))["cells"]
+    with pytest.raises(ValueError, match="no finished run to report"):
+        write_report(tmp_path, cfg, plan_runs(cfg), {}, torch.zeros(1, 1, 28, 28))

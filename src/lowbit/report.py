@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich import box
@@ -60,6 +61,8 @@ def paired_stats(values: list[float]) -> dict[str, Any]:
     """Mean, sample standard deviation and 95% t-interval of ``values`` (paired differences)."""
     n = len(values)
     mean = sum(values) / n
+    if not all(math.isfinite(v) for v in values):  # a diverged run: no interval, no verdict
+        return {"n": n, "mean": float("nan"), "std": None, "ci95": None, "significant": None, "non_finite": True}
     if n < 2:
         return {"n": n, "mean": mean, "std": None, "ci95": None, "significant": None}
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
@@ -126,7 +129,9 @@ def _quantizes(record: dict) -> str | None:
 def _best_per_bits(cells: list[dict], by_cell: dict) -> list[dict]:
     best = []
     for bits in sorted({c["bits"] for c in cells if c["bits"]}, reverse=True):
-        ranked = sorted((c for c in cells if c["bits"] == bits), key=lambda c: c["loss"]["mean"])
+        # a cell with a non-finite loss (a diverged run) is never ranked best
+        ranked = sorted((c for c in cells if c["bits"] == bits and math.isfinite(c["loss"]["mean"])),
+                        key=lambda c: c["loss"]["mean"])
         if not ranked:
             continue
         entry: dict[str, Any] = {"bits": bits, "best": ranked[0]["name"], "loss": ranked[0]["loss"]["mean"]}
@@ -158,11 +163,15 @@ def _summary_text(summary: dict, has_control: bool, has_baseline: bool) -> list[
             text += ". Mind that the two quantize different tensors (" + "; ".join(
                 f"{name}: {what}" for name, what in entry["differs"].items()) + "), as the reference configs do"
         lines.append(text + ".")
+    for c in summary["cells"]:
+        if c["loss"].get("non_finite"):
+            lines.append(f"**{c['name']}** has a non-finite test loss in some seed (it diverged): it is left "
+                         "out of the ranking.")
     control = next((c for c in summary["cells"] if c["name"] == "fp32-control"), None)
     if has_control and control:
         for bits in sorted({c["bits"] for c in summary["cells"] if c["bits"]}, reverse=True):
             diffs = [(c["vs_control"]["mean"], c["name"]) for c in summary["cells"]
-                     if c["bits"] == bits and c.get("vs_control")]
+                     if c["bits"] == bits and c.get("vs_control") and math.isfinite(c["vs_control"]["mean"])]
             if diffs:
                 lo, hi = min(diffs), max(diffs)
                 lines.append(f"Against the equal-budget fp32 control ({control['loss']['mean']:.2f} nats), the "
@@ -301,6 +310,8 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
 
     from .checkpoint import atomic_write_bytes, write_json
 
+    if not records:
+        raise ValueError(f"no finished run to report in {out}: run the study first")
     summary = summarize(cfg, plan, records)
     figures = write_figures(out, plan, records, summary, test_images)
     first = min(r.spec.seed for r in plan)
@@ -395,8 +406,19 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
     md.append("")
 
     atomic_write_bytes(out / "report.md", "\n".join(md).encode())
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", _strict_json(summary))  # NaN/inf as null: strict parsers reject NaN
     return summary
+
+
+def _strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
 
 
 def _config_label(run) -> str:
