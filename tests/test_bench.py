@@ -13,7 +13,7 @@ import torch
 
 import lowbit
 from lowbit import bench
-from lowbit.checkpoint import save_run
+from lowbit.checkpoint import CheckpointError, save_run
 from lowbit.models.vae import VAE
 
 N = 256
@@ -144,6 +144,12 @@ def test_bench_run_and_cli(tmp_path, monkeypatch):
     bench.bench_cli(args)
     d = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert [row["name"] for row in d["rows"]][:3] == [bench.EAGER, bench.SIM, bench.ORT_FP32]
+    # a --json that cannot be written is refused before the benchmark runs, naming --json
+    monkeypatch.setattr(bench, "bench_run", lambda *a, **kw: pytest.fail("benchmarked before checking --json"))
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    for bad, message in ((tmp_path / "out", "is a folder"), (tmp_path / "blocker" / "b.json", "choose another --json")):
+        with pytest.raises(CheckpointError, match=message):
+            bench.bench_cli(argparse.Namespace(**{**vars(args), "json": bad}))
 
 
 def _shrunk(fn):

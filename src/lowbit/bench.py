@@ -731,8 +731,12 @@ def bench_run(
 
 def bench_cli(args) -> BenchResult:
     """``lowbit bench RUN_DIR``: run :func:`bench_run`, print the table, optionally write JSON."""
-    from .checkpoint import write_json
+    from .checkpoint import CheckpointError, ensure_dir, write_json
 
+    if getattr(args, "json", None):  # a bad --json fails now, not after the whole benchmark
+        if Path(args.json).is_dir():
+            raise CheckpointError(f"--json {args.json} is a folder; give a file name")
+        ensure_dir(Path(args.json).parent, option="--json")
     result = bench_run(
         args.run_dir,
         int4_run_dir=getattr(args, "int4_run", None),

@@ -56,19 +56,20 @@ class CheckpointError(ValueError):
     """A run directory or output path that cannot be written or read; the message says why."""
 
 
-def ensure_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) if needed and check that it is a writable folder."""
+def ensure_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create ``path`` (and parents) if needed and check that it is a writable folder; errors
+    suggest choosing another ``option`` (the command-line flag that named it)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise CheckpointError(f"output path {p} exists and is not a folder; choose another --out")
+        raise CheckpointError(f"output path {p} exists and is not a folder; choose another {option}")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create output folder {p}: {e.strerror or e}; choose another --out") from e
+        raise CheckpointError(f"cannot create output folder {p}: {e.strerror or e}; choose another {option}") from e
     if not p.is_dir():
-        raise CheckpointError(f"output path {p} exists and is not a folder; choose another --out")
+        raise CheckpointError(f"output path {p} exists and is not a folder; choose another {option}")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise CheckpointError(f"output folder {p} is not writable; fix its permissions or choose another --out")
+        raise CheckpointError(f"output folder {p} is not writable; fix its permissions or choose another {option}")
     return p
 
 
