@@ -21,6 +21,7 @@ import http.client
 import os
 import struct
 import tempfile
+import time
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -136,38 +137,45 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None, split: str 
     return next((f for d in _search_dirs(name, data_dir) if (f := _files_in(d, bases))), None)
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The decompressed content of ``path`` (gzip detected by its magic bytes)."""
+_FIX_FILE = "Fix: delete it and re-download it (or copy a complete file there)."
+
+
+def _read_bytes(path: Path, what: str | None = None, fix: str | None = None) -> bytes:
+    """The decompressed content of ``path`` (gzip detected by its magic bytes).  ``what`` names
+    the file in errors (default: its path), ``fix`` ends them."""
+    what = what or str(path)
     try:
         data = path.read_bytes()
         return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
     except EOFError:
-        raise DataError(f"{path}: truncated gzip file (an interrupted download or copy). "
-                        f"Fix: delete it and run again to re-download, or copy a complete file there.") from None
+        raise DataError(f"{what}: truncated gzip file (an interrupted download or copy). " + (fix or
+                        "Fix: delete it and run again to re-download, or copy a complete file there.")) from None
     except (gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: corrupt gzip data ({e}). Fix: delete it and re-download it.") from None
+        raise DataError(f"{what}: corrupt gzip data ({e}). " + (fix or "Fix: delete it and re-download it.")) from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e}). Fix: check the path and its permissions.") from None
+        raise DataError(f"{what}: cannot read ({e}). " + (fix or "Fix: check the path and its permissions.")) from None
 
 
-def _parse_idx(data: bytes, path: Path, magic: int | None = None) -> np.ndarray:
-    fix = "Fix: delete it and re-download it (or copy a complete file there)."
+def _parse_idx(data: bytes, path: Path, magic: int | None = None, what: str | None = None,
+               fix: str = _FIX_FILE) -> np.ndarray:
+    what = what or str(path)
     if len(data) < 4:
-        raise DataError(f"{path}: truncated IDX file ({len(data)} bytes). {fix}")
+        raise DataError(f"{what}: truncated IDX file ({len(data)} bytes). {fix}")
     found = int.from_bytes(data[:4], "big")
     if found not in (IMAGES_MAGIC, LABELS_MAGIC) or (magic is not None and found != magic):
         want = magic if magic is not None else f"{IMAGES_MAGIC} or {LABELS_MAGIC}"
-        raise DataError(f"{path}: not an IDX {'image' if magic == IMAGES_MAGIC else 'label'} file "
-                        f"(magic number {found}, expected {want}; images 2051, labels 2049). {fix}")
+        kind = {IMAGES_MAGIC: "an IDX image file", LABELS_MAGIC: "an IDX label file"}.get(magic, "an IDX file")
+        raise DataError(f"{what}: not {kind} (magic number {found}, expected {want}; images 2051, "
+                        f"labels 2049). {fix}")
     ndim = found & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header. {fix}")
+        raise DataError(f"{what}: truncated IDX header. {fix}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     size = int(np.prod(dims))
     if len(data) - header != size:
-        what = "truncated" if len(data) - header < size else "too long"
-        raise DataError(f"{path}: {what}: the header promises {size} bytes of data for shape {dims}, "
+        state = "truncated" if len(data) - header < size else "too long"
+        raise DataError(f"{what}: {state}: the header promises {size} bytes of data for shape {dims}, "
                         f"the file has {len(data) - header}. {fix}")
     return np.frombuffer(data, np.uint8, count=size, offset=header).reshape(dims)
 
@@ -233,6 +241,21 @@ def _fetch(url: str, dest: Path, progress: bool, check: Callable[[Path], None]) 
             os.unlink(tmp)
 
 
+#: a partial download older than this is from a killed process, not a concurrent one
+_STALE_PART_S = 3600
+
+
+def _remove_stale_parts(folder: Path, name: str) -> None:
+    """Delete ``.<name>.*.part`` files left by downloads killed hard (SIGKILL, power loss)."""
+    now = time.time()
+    for part in folder.glob(f".{name}.*.part"):
+        try:
+            if now - part.stat().st_mtime > _STALE_PART_S:
+                part.unlink()
+        except OSError:
+            pass
+
+
 def _download(name: str, bases: tuple[str, ...], target: Path, progress: bool) -> list[str]:
     """Download the missing ``bases`` into ``target``; returns the failures ([] when all succeeded)."""
     env = os.environ.get("LOWBIT_MIRROR")
@@ -246,10 +269,12 @@ def _download(name: str, bases: tuple[str, ...], target: Path, progress: bool) -
     for base in bases:
         if _files_in(target, (base,)):
             continue
+        _remove_stale_parts(target, f"{base}.gz")
 
         def check(tmp: Path, base: str = base) -> None:
-            data = _read_bytes(tmp)
-            _parse_idx(data, tmp)
+            what, fix = f"the downloaded {base}.gz", "(deleted, nothing kept)"
+            data = _read_bytes(tmp, what, fix)
+            _parse_idx(data, tmp, IMAGES_MAGIC if "images" in base else LABELS_MAGIC, what, fix)
             got, want = hashlib.md5(data, usedforsecurity=False).hexdigest(), _MD5[name][base]
             if got != want:
                 raise ChecksumError(f"decompressed MD5 {got}, expected {want}: the mirror sent a damaged "
@@ -282,6 +307,9 @@ def load_dataset(name: str = "mnist", split: str = "train", data_dir: str | os.P
     mismatching files, and failed downloads.
     """
     name, split = _check_name(name), _check_split(split)
+    if data_dir is not None and Path(data_dir).expanduser().exists() and not Path(data_dir).expanduser().is_dir():
+        raise DataError(f"data folder {data_dir} is a file, not a folder. Fix: pass the folder that holds the "
+                        f"four IDX files (--data-dir DIR, data_dir=DIR)")
     dirs, rejected = _search_dirs(name, data_dir), []
     for folder in dirs:
         files = _files_in(folder, SPLITS[split])
@@ -301,8 +329,11 @@ def load_dataset(name: str = "mnist", split: str = "train", data_dir: str | os.P
             "(files land in /usr/share/datasets/fashion-mnist)") if name == "fashion-mnist" else ""
     raise DataError(
         f"{name} {split} files not found{' and the download failed' if download else ''}. "
-        f"Needed files (gzipped .gz or raw): {', '.join(FILES)}.\n"
+        f"Needed for the {split} split (gzipped .gz or raw): {', '.join(SPLITS[split])}.\n"
         f"Searched: {', '.join(map(str, dirs))}\n"
+        + "".join(f"  {d} has {', '.join(has)} but not {', '.join(b for b in SPLITS[split] if b not in has)}\n"
+                  for d in dirs if (has := [b for b in SPLITS[split] if _files_in(d, (b,))])
+                  and len(has) < len(SPLITS[split]))
         + "".join(f"Rejected: {r}\n" for r in rejected)
         + ("Download attempts:\n" + "".join(f"  {e}\n" for e in errors) if download else "Download disabled.\n")
         + "Fix: put the four files in one folder and pass --data-dir DIR (data_dir=DIR) or set "
