@@ -20,8 +20,9 @@ __all__ = ["make_progress", "TrainProgress", "console"]
 console = Console(stderr=True)
 
 
-def make_progress(transient: bool = False) -> Progress:
-    """A progress display with description, bar, count, elapsed/remaining and a free-text field."""
+def make_progress(transient: bool = False, disable: bool = False) -> Progress:
+    """A progress display with description, bar, count, elapsed/remaining and a free-text field
+    (``disable``: draws nothing, e.g. for ``--no-progress``)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -31,6 +32,7 @@ def make_progress(transient: bool = False) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=console,
         transient=transient,
+        disable=disable,
     )
 
 

@@ -215,7 +215,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
     keys: dict[str, str] = {}
     records: dict[str, dict] = {}
     skipped = 0
-    with make_progress() as progress:
+    with make_progress(disable=not cfg.progress) as progress:
         overall = progress.add_task("study", total=len(plan), info="")
         for run in plan:
             init_key = keys.get(run.init) if run.init else None
