@@ -59,6 +59,7 @@ def test_missing_data_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert main(["train", "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and "LOWBIT_DATA_DIR" in err
+    assert not (tmp_path / "run").exists()  # the failed run left no empty folder
 
 
 def test_config_without_method_is_refused(tmp_path, capsys):

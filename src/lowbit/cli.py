@@ -179,10 +179,17 @@ def cmd_train(args: argparse.Namespace) -> None:
                    iwae_k=args.iwae_k, dataset=args.dataset, device=args.device)
     from .checkpoint import ensure_dir
 
-    ensure_dir(args.out)
-    train = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
-    test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
-    record = run_experiment(spec, train.images, test.images, args.out, init=args.init, progress=not args.no_progress)
+    created = not args.out.exists()
+    ensure_dir(args.out)  # an unusable --out fails now, not after training
+    try:
+        train = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
+        test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
+        record = run_experiment(spec, train.images, test.images, args.out, init=args.init,
+                                progress=not args.no_progress)
+    except BaseException:
+        if created and not any(args.out.iterdir()):
+            args.out.rmdir()  # a run that failed before writing anything leaves no empty folder
+        raise
     from .checkpoint import write_json
 
     write_json(args.out / "metrics.json", {"before": record["before"], "after": record["after"],
