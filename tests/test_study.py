@@ -59,6 +59,27 @@ def test_run_key_changes_with_the_configuration():
     assert ka["seed0/lsq-w4"] != kb["seed0/lsq-w4"]
     assert a[0].spec.key() == b[0].spec.key()  # the baseline did not change
     assert a[1].spec.key("base1") != a[1].spec.key("base2")  # nor is a run reused across baselines
+    # evaluation settings do not decide the trained model: such runs are re-evaluated, not retrained
+    c = plan_runs(StudyConfig(iwae_k=5))
+    assert {r.folder: r.spec.key("x") for r in c} == ka
+
+
+def test_a_finished_run_is_reevaluated_with_new_evaluation_settings(tmp_path, tiny_images):
+    from dataclasses import replace
+
+    from lowbit.experiment import RunSpec, reevaluate, run_experiment
+    from lowbit.study import _finished
+
+    spec = RunSpec(name="fp32", epochs=1, batch_size=64, iwae_k=0)
+    record = run_experiment(spec, tiny_images[:256], tiny_images[256:], tmp_path, progress=False)
+    assert record["after"]["iwae"] is None
+    more = replace(spec, iwae_k=4)
+    found = _finished(tmp_path, more.key())
+    assert found is not None  # the same trained model
+    new = reevaluate(more, found, tiny_images[256:], tmp_path)
+    assert new["spec"]["iwae_k"] == 4 and new["after"]["iwae"] is not None
+    assert new["after"]["loss"] == record["after"]["loss"] and new["train"] == record["train"]
+    assert _finished(tmp_path, more.key())["after"]["iwae"] == new["after"]["iwae"]  # written back
 
 
 def test_run_key_changes_when_a_method_default_changes(monkeypatch):
@@ -159,6 +180,17 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path, mnist):
     a = json.loads((ref / "summary.json").read_text())
     b = json.loads((killed / "summary.json").read_text())
     assert _losses(a) == _losses(b)
+    # another --iwae-k only re-evaluates the finished runs: same losses, an IWAE bound, no training
+    more = [("2" if prev == "--iwae-k" else v) for prev, v in zip(("",) + args, args)]
+    weights = killed / "seed0" / "fp32-baseline" / "model.safetensors"
+    weights_mtime = weights.stat().st_mtime_ns
+    again = subprocess.run(_study(killed, *more), check=True, timeout=600, capture_output=True, text=True)
+    assert "0 finished run(s) reused, 3 re-evaluated with the new evaluation settings (not retrained)" in " ".join(
+        again.stderr.split())  # rich wraps the line
+    assert first.stat().st_mtime_ns != baseline_mtime and weights.stat().st_mtime_ns == weights_mtime
+    c = json.loads((killed / "summary.json").read_text())
+    assert {k: v[0] for k, v in _losses(c).items()} == {k: v[0] for k, v in _losses(a).items()}
+    assert all(v[1] is not None for v in _losses(c).values())
 
 
 def test_study_options_reach_only_the_methods_that_accept_them():

@@ -27,6 +27,8 @@ from .train import EvalResult, evaluate, fit, make_optimizer, time_eval
 __all__ = ["RunSpec", "run_experiment", "machine_info", "model_size", "RECORD"]
 
 RECORD = "result.json"
+#: RunSpec fields that only decide how a trained model is evaluated (not part of its key)
+EVAL_FIELDS = ("iwae_k",)
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,19 @@ class RunSpec:
             raise ValueError(f"run {self.name}: epochs must be a positive integer, got {self.epochs!r}")
 
     def key(self, init_key: str | None = None) -> str:
-        """A digest of everything that decides this run's result (and of its starting point), so a
-        changed configuration is never mistaken for a finished run.  The method's option defaults
-        are part of it: a lowbit whose default changed does not reuse runs made with the old one."""
+        """A digest of everything that decides this run's trained model (and of its starting point),
+        so a changed configuration is never mistaken for a finished run.  The method's option
+        defaults are part of it: a lowbit whose default changed does not reuse runs made with the
+        old one.  Evaluation settings (:data:`EVAL_FIELDS`) are not: a finished run evaluated with
+        others is re-evaluated (:func:`reevaluate`), not retrained."""
         defaults = None
         if self.method is not None:
             from .methods import get_method
 
             defaults = get_method(self.method).option_defaults()
+        trains = {k: v for k, v in asdict(self).items() if k not in EVAL_FIELDS}
         blob = json.dumps(
-            {"spec": asdict(self), "init": init_key, "version": __version__, "method_defaults": defaults},
+            {"spec": trains, "init": init_key, "version": __version__, "method_defaults": defaults},
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -232,6 +237,27 @@ def run_experiment(
     save_optimizer(out_dir, optimizer)
     record["weights_sha256"] = weights_digest(out_dir)  # a resumed study checks the weights are these
     write_json(out_dir / RECORD, record)  # written last: its presence marks the run finished
+    return record
+
+
+def reevaluate(spec: RunSpec, record: dict[str, Any], test_images: torch.Tensor, out_dir: str | os.PathLike,
+               before: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the finished run in ``out_dir`` again with ``spec``'s evaluation settings (its
+    trained model is the same: ``spec.key`` leaves them out) and rewrite its record.
+
+    ``before``: the starting run's metrics under the same settings (None: keep the record's).
+    """
+    from .checkpoint import load_model
+
+    out_dir = Path(out_dir)
+    device = torch.device(check_device(spec.device))
+    model = load_model(out_dir).to(device)
+    test_images = test_images.to(device)
+    record = {**record, "spec": {**record["spec"], **{k: getattr(spec, k) for k in EVAL_FIELDS}}}
+    record["after"] = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+    if before is not None:
+        record["before"] = before
+    write_json(out_dir / RECORD, record)
     return record
 
 

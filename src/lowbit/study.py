@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CheckpointError, ensure_dir, read_json, weights_digest, write_json
-from .experiment import RECORD, RunSpec, check_device, machine_info, run_experiment
+from .experiment import EVAL_FIELDS, RECORD, RunSpec, check_device, machine_info, reevaluate, run_experiment
 from .methods import get_method
 from .presets import REFERENCE, reference_config
 
@@ -214,7 +214,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
 
     keys: dict[str, str] = {}
     records: dict[str, dict] = {}
-    skipped = 0
+    skipped = reevaluated = 0
     with make_progress(disable=not cfg.progress) as progress:
         overall = progress.add_task("study", total=len(plan), info="")
         for run in plan:
@@ -222,18 +222,23 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
             key = run.spec.key(init_key)
             keys[run.folder] = key
             record = _finished(out / run.folder, key)
+            before = records[run.init]["after"] if run.init else None
             if record is None:
                 progress.update(overall, info=run.folder)
-                before = records[run.init]["after"] if run.init else None
                 record = run_experiment(run.spec, train.images, test.images, out / run.folder,
                                         init=out / run.init if run.init else None, init_key=init_key,
                                         before=before, progress=progress if cfg.progress else False)
+            elif any(record["spec"].get(k) != getattr(run.spec, k) for k in EVAL_FIELDS):
+                progress.update(overall, info=f"{run.folder} (evaluating)")
+                record = reevaluate(run.spec, record, test.images, out / run.folder, before=before)
+                reevaluated += 1
             else:
                 skipped += 1
             records[run.folder] = record
             progress.advance(overall)
-    if skipped:
-        console.print(f"[dim]resumed: {skipped} finished run(s) reused from {out}[/dim]")
+    if skipped or reevaluated:
+        again = f", {reevaluated} re-evaluated with the new evaluation settings (not retrained)" if reevaluated else ""
+        console.print(f"[dim]resumed: {skipped} finished run(s) reused{again} from {out}[/dim]")
 
     deployment = None
     if cfg.deploy:
