@@ -283,7 +283,7 @@ class Method:
             how = f"{bits} bits with weight_range 'reduced'" if reduced else f"{bits} bit"
             raise ConfigError(
                 f"{cls.name} {quant_type}: a signed symmetric grid of {how} has a single level (0), so every "
-                f"value would quantize to 0; use {bits + 1}+ bits, quant_scheme 'affine' or quant_dtype 'uint'"
+                f"value would quantize to 0; use {bits + 1}+ bits or quant_scheme 'affine'"
             )
         return spec
 
