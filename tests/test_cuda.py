@@ -583,3 +583,28 @@ def test_a_quantized_model_compiles_on_the_device(method):
         return model, opt
 
     assert_compiles_like_eager(build, drift=1e-2)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_a_non_finite_batch_never_poisons_a_tracked_range_on_the_device(granularity):
+    """Raising would read every batch's range back to the host: on a GPU a NaN/inf batch end is
+    replaced by the tracked one instead (the output keeps the input's NaN, so the loss shows it).
+    The CPU stand-in raises, as the host path does."""
+    torch.manual_seed(0)
+    model = on_device(lowbit.quantize(nn.Sequential(nn.Linear(16, 8)).to(DEVICE), config("qat", granularity, 8), "qat"))
+    model(torch.rand(4, 16, device=DEVICE))
+    iq = model[0].input_quantizer
+    before = [t.detach().cpu().clone() for t in iq.tracked_range()]
+    bad = torch.rand(4, 16, device=DEVICE)
+    bad[0, 0] = float("inf")
+    bad[1, 1] = float("nan")
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="contains"):
+            model(bad)
+    else:
+        assert torch.isnan(model(bad)).any()
+    after = [t.detach().cpu() for t in iq.tracked_range()]
+    assert all(torch.isfinite(t).all() for t in after)
+    if DEVICE.type == "cpu":
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert torch.isfinite(model(torch.rand(4, 16, device=DEVICE))).all()

@@ -283,3 +283,48 @@ def test_a_layer_registered_under_two_names_is_quantized_under_both():
     assert list(quantized_layers(model)) == ["enc"]
     plain = lowbit.fold(model)
     assert isinstance(plain.dec, nn.Linear) and plain.dec is plain.enc
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_state_saved_at_other_bits_is_refused_on_load(method):
+    # nothing in a quantizer's ranges or steps says which grid they belong to: an 8-bit state loaded
+    # into a 4-bit model used to load silently (zero points past the 4-bit codes, steps 16x too fine)
+    src = lowbit.quantize(VAE(), cfg(bits=8), method)
+    train(src, steps=1)
+    state = src.state_dict()
+    dst = lowbit.quantize(VAE(), cfg(bits=4), method)
+    with pytest.raises(RuntimeError, match=r"fc1\.weight_quantizer: the state was saved from a grid of 8 bits"):
+        dst.load_state_dict(state)
+    # same bits: loads; a state saved before lowbit recorded the bits (no code_bits) loads too
+    same = lowbit.quantize(VAE(), cfg(bits=8), method)
+    same.load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if not k.endswith("code_bits")}
+    lowbit.quantize(VAE(), cfg(bits=8), method).load_state_dict(legacy)
+
+
+def test_a_state_of_another_quant_scheme_is_refused_on_load():
+    src = lowbit.quantize(VAE(), cfg(types=("input",)), "qat")
+    train(src, steps=1)
+    state = src.state_dict()
+    assert any(int(v) != 0 for k, v in state.items() if k.endswith("input_quantizer.zero_point"))
+    dst = lowbit.quantize(VAE(), cfg(types=("input",), quant_scheme="symmetric"), "qat")
+    with pytest.raises(RuntimeError, match=r"input_quantizer: the state's zero points .* do not fit"):
+        dst.load_state_dict(state)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_channel_weights_of_a_model_cast_to_half_precision_before_quantizing(method, dtype):
+    # the quantizers' float32 grid used to turn a bfloat16 weight into float32 (F.linear then refused)
+    gran = "per_tensor" if method == "dorefa" else "per_channel"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).to(dtype)
+    entry = {"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"], "granularity": {"weight": gran}}
+    lowbit.quantize(model, [entry], method)
+    x = torch.randn(5, 16, dtype=dtype)
+    y = model(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert model[0].module.weight.grad.dtype == dtype
+    wq = model[0].weight_quantizer
+    assert wq(model[0].module.weight).dtype == dtype

@@ -259,9 +259,11 @@ def fake_quantize(
     """``(clamp(round(x / scale) + zp, qmin, qmax) - zp) * scale`` with the fused kernels' float
     arithmetic (``x * float32(1/scale)``); ``zero_point=None`` means 0.  ``scale``/``zero_point``
     may be tensors (``()`` or ``(C,)`` with ``axis``) or, per-tensor, Python numbers (``scale``
-    must then be a float32 value).  No autograd rule of its own (see the functions below)."""
+    must then be a float32 value).  The result has ``x``'s dtype (a float16/bfloat16 ``x`` on a
+    float32 tensor grid is quantized in float32, then rounded back).  No autograd rule of its own
+    (see the functions below)."""
     s, inv, lo, hi = _resolve(x, scale, zero_point, qmin, qmax, axis)
-    return _clamp((x * inv).round_(), lo, hi, True).mul_(s)
+    return _clamp((x * inv).round_(), lo, hi, True).mul_(s).to(x.dtype)
 
 
 def quantize_codes(
@@ -297,7 +299,7 @@ class _ClippedFakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x)
             ctx.bounds = _x_bounds(s, lo, hi)
-        return _clamp((x * inv).round_(), lo, hi, True).mul_(s)
+        return _clamp((x * inv).round_(), lo, hi, True).mul_(s).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -349,7 +351,7 @@ class _LSQFakeQuant(torch.autograd.Function):
         s_t = scale.abs().clamp_min(MIN_SCALE)
         zp_t = None if zero_point is None else torch.round(zero_point).clamp(qmin, qmax)
         s, inv, lo, hi = _resolve(x, s_t, zp_t, qmin, qmax, axis)
-        out = _clamp((x * inv).round_(), lo, hi, True).mul_(s)  # c * s, c = clamp(round(x / s))
+        out = _clamp((x * inv).round_(), lo, hi, True).mul_(s).to(x.dtype)  # c * s, c = clamp(round(x / s))
         ctx.save_for_backward(x, out, scale.detach())
         ctx.s = s
         ctx.bounds = _x_bounds(s, lo, hi)

@@ -266,7 +266,9 @@ def fold(model: nn.Module) -> nn.Module:
 
     Only weights are baked in: input/output (activation) quantization is dropped, so the folded
     model reproduces the simulated model's outputs exactly when only weights are quantized, and
-    approximately otherwise.  ``model`` itself is not changed.
+    approximately otherwise.  ``model`` itself is not changed.  Before QAT's ``quant_start_step``
+    the simulated model is float, and so are the folded weights (``calibration_config`` then
+    reports the grids the quantizers will start from; the export refuses such a model).
     """
     folded = copy.deepcopy(model)
     names = module_names(folded)

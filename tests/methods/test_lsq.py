@@ -230,3 +230,24 @@ def test_an_lsq_plus_state_loads_into_either_initialisation():
     assert torch.equal(new(y), old(y))
     assert new.input_quantizer.scale.item() == old.input_quantizer.scale.item()
     assert new.weight_quantizer.scale.item() == old.weight_quantizer.scale.item()
+
+
+def test_an_empty_batch_after_initialisation_passes_through():
+    w = layer()
+    w(torch.rand(32, 16))
+    y = w(torch.empty(0, 16))  # (the gradient scale divided by the batch's zero size)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+
+
+def test_gradient_scale_counts_one_unbatched_conv_input_as_one_sample():
+    torch.manual_seed(0)
+    m = lowbit.quantize(nn.Sequential(nn.Conv2d(3, 4, 3)),
+                        [{"quant_types": ["input"], "quant_bits": 4, "op_types": ["Conv2d"]}], "lsq")
+    iq = m[0].input_quantizer
+    x = torch.rand(3, 6, 5)
+    m(x)
+    want = 1 / math.sqrt(3 * 6 * 5 * iq._qp)  # N: the features of the sample, C*H*W
+    assert iq._grad_factor(x) == pytest.approx(want)
+    assert iq._grad_factor(x[None]) == pytest.approx(want)
+    assert iq._grad_factor(torch.rand(7, 3, 6, 5)) == pytest.approx(want)

@@ -108,3 +108,17 @@ def test_one_bit_affine_weights_take_two_levels():
     g = m[0].weight_quantizer.grid()
     assert (g.qmin, g.qmax) == (-1, 0)
     assert torch.isfinite(wq).all() and len(torch.unique(wq)) == 2
+
+
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+def test_unsigned_symmetric_weights_are_refused(method):
+    # an unsigned symmetric grid has no negative codes: every negative weight would become 0
+    m = nn.Sequential(nn.Linear(16, 8))
+    entry = {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"],
+             "quant_scheme": "symmetric", "quant_dtype": "uint"}
+    with pytest.raises(ConfigError, match="symmetric with quant_dtype 'uint'.*quant_scheme 'affine'"):
+        lowbit.quantize(m, [entry], method)
+    assert isinstance(m[0], nn.Linear)
+    # unsigned affine weights (NNI's grid) and unsigned symmetric activations stay allowed
+    lowbit.quantize(m, [{**entry, "quant_scheme": "affine"}], method)
+    lowbit.quantize(nn.Sequential(nn.Linear(16, 8)), [{**entry, "quant_types": ["input"]}], method)

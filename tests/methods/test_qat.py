@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -163,3 +165,38 @@ def test_weight_values_are_the_fused_kernels_including_a_tie_at_the_top():
         y = wq(w)
         g = wq.grid()
         assert torch.equal(y, torch.fake_quantize_per_tensor_affine(w, g.scale, g.zero_point.int(), -128, 127))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_affine_weights_in_other_float_dtypes_stay_within_the_codes(dtype):
+    # whether the clamp can be skipped was decided in float32; in x's own arithmetic a tie could
+    # round one code past the top (2^b + 1 values)
+    g = torch.Generator().manual_seed(0)
+    for bits in (2, 4):
+        q = RangeQuantizer(TensorSpec("weight", bits, "per_tensor", "affine", "int", False), tracking="current")
+        for _ in range(400):
+            w = (torch.randn(64, generator=g) * torch.rand(1, generator=g) * 3 + torch.randn(1, generator=g)).to(dtype)
+            assert q(w).unique().numel() <= 2 ** bits
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_a_non_finite_weight_is_refused_on_every_path(granularity):
+    from lowbit.fake_quant import tensor_path
+
+    for path in (contextlib.nullcontext, tensor_path):
+        wrapper = layer(types=("weight", "input"), granularity={"weight": granularity})
+        wrapper(torch.rand(4, 16))
+        before = {k: v.clone() for k, v in wrapper.input_quantizer.state_dict().items()}
+        for bad, what in ((float("inf"), "contains inf"), (float("nan"), "contains NaN")):
+            with path(), pytest.raises(ValueError, match=what):
+                wrapper(torch.full((2, 16), bad))  # the input's EMA range
+            with torch.no_grad():
+                saved = wrapper.module.weight[0, 0].item()
+                wrapper.module.weight[0, 0] = bad
+            with path(), pytest.raises(ValueError, match=what):
+                wrapper(torch.rand(2, 16))
+            with torch.no_grad():
+                wrapper.module.weight[0, 0] = saved
+        after = wrapper.input_quantizer.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert torch.isfinite(wrapper(torch.rand(2, 16))).all()

@@ -107,6 +107,8 @@ class Quantizer(nn.Module):
         if self.axis is not None and not channels:
             raise ValueError("a per-channel quantizer needs the number of channels")
         self._shape: tuple[int, ...] = (channels,) if self.axis is not None else ()
+        # the grid's bits, kept in the state so that a state saved at other bits is refused on load
+        self.register_buffer("code_bits", torch.tensor(spec.range_bits, dtype=torch.int64))
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -160,8 +162,26 @@ class Quantizer(nn.Module):
     def _sync(self) -> None:
         """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
+        """Why the entries of a state dict (under ``prefix``) cannot be this quantizer's state, or
+        ``None``: by default, a state saved from a grid of other bits."""
+        saved = state.get(prefix + "code_bits")
+        if isinstance(saved, Tensor) and saved.numel() == 1 and int(saved) != self.spec.range_bits:
+            return (f"{prefix.rstrip('.')}: the state was saved from a grid of {int(saved)} bits and this quantizer's "
+                    f"has {self.spec.range_bits} (its ranges or steps belong to the other grid): quantize with the config_list the state was "
+                    f"saved with, or load only the float layers' weights")
+        return None
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        problem = self._state_problem(state_dict, prefix)
+        if problem is not None:  # (load_state_dict raises with it once every module is visited)
+            error_msgs.append(problem)
+            return
+        if prefix + "code_bits" not in state_dict:  # a state saved by lowbit < 0.3.6, which did not record it
+            state_dict = {**state_dict, prefix + "code_bits": self.code_bits}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         self._sync()
 
     def _describe_grid(self) -> str:
@@ -267,6 +287,12 @@ class Method:
         elif dtype not in dtypes:
             allowed = ", ".join(repr(d) for d in dtypes if d is not None)
             raise ConfigError(f"{cls.name} {quant_type} quantization cannot use quant_dtype {dtype!r}; allowed: {allowed}")
+        if quant_type == "weight" and scheme == "symmetric" and dtype == "uint":
+            raise ConfigError(
+                f"{cls.name} weight quantization cannot be symmetric with quant_dtype 'uint': an unsigned symmetric "
+                "grid has no negative codes, so every negative weight would quantize to 0; use quant_dtype 'int' "
+                "(or leave it unset) or quant_scheme 'affine'"
+            )
         grans = cls.granularities[quant_type]
         if granularity is None:
             granularity = grans[0]
@@ -451,6 +477,17 @@ class RangeQuantizer(Quantizer):
         self._flush()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
+        problem = super()._state_problem(state, prefix)
+        zp = state.get(prefix + "zero_point")
+        if problem is None and isinstance(zp, Tensor) and zp.numel() and (
+            int(zp.min()) < self.qmin or int(zp.max()) > self.qmax or (self.symmetric and bool((zp != 0).any()))
+        ):
+            problem = (f"{prefix.rstrip('.')}: the state's zero points [{int(zp.min())}, {int(zp.max())}] do not fit this quantizer's "
+                       f"grid (codes [{self.qmin}, {self.qmax}], {self.spec.scheme}): it was saved from another "
+                       f"quant_scheme or quant_dtype; quantize with the config_list the state was saved with")
+        return problem
+
     # -- observation --------------------------------------------------------------------------
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.detach()
@@ -508,6 +545,7 @@ class RangeQuantizer(Quantizer):
     def _observe_tensor(self, lo_t: Tensor, hi_t: Tensor) -> None:
         self._flush()
         st = self._st
+        lo_t, hi_t = self._finite_range(lo_t, hi_t)
         if not st[0] or self.tracking == "current":
             self.tracked_min.copy_(lo_t)
             self.tracked_max.copy_(hi_t)
@@ -531,6 +569,19 @@ class RangeQuantizer(Quantizer):
             self.initialized.fill_(True)
             st[0] = True
         st[4] = None
+
+    def _finite_range(self, lo_t: Tensor, hi_t: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch range to observe, with a NaN/inf in it handled: on the CPU, the same ValueError as
+        the host path; elsewhere (a GPU, where raising would cost a host synchronisation every call,
+        or inside ``torch.compile``) every non-finite end is replaced by the tracked one (0 before
+        the first batch), so the tracked range is never poisoned — the output still carries the
+        NaN of its input, so the loss shows it."""
+        if lo_t.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool((torch.isfinite(lo_t) & torch.isfinite(hi_t)).all()):
+                raise ValueError(NAN_MESSAGE if bool((torch.isnan(lo_t) | torch.isnan(hi_t)).any()) else INF_MESSAGE)
+            return lo_t, hi_t
+        return (torch.where(torch.isfinite(lo_t), lo_t, self.tracked_min),
+                torch.where(torch.isfinite(hi_t), hi_t, self.tracked_max))
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -578,7 +629,10 @@ class RangeQuantizer(Quantizer):
         if py is not None and on_host(x):
             zp = 0 if self.symmetric else py[3]
             if current:
-                return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp, py[5])
+                # the clamp may be skipped only where _observe_py's float32 test holds for x's own
+                # arithmetic: in float16/bfloat16/float64 a tie can round one code past the end
+                clamp = py[5] or x.dtype != torch.float32
+                return ste_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp, clamp)
             return clipped_fake_quantize_scalar(x, py[2], py[4], self.qmin - zp, self.qmax - zp)
         self._flush()
         zp_t = None if self.symmetric else self.zero_point

@@ -102,6 +102,9 @@ class LSQQuantizer(Quantizer):
         self._initialized = False
         self._set_range(spec.dtype != "uint")
         self._weight_gf = 1.0
+        #: the rank of one unbatched sample of the layer's activations (Conv2d: 3, Linear: 1): a tensor
+        #: of this rank or less is one sample for the gradient scale, a larger one a batch
+        self.sample_rank = 1
         if weight is not None:
             with torch.no_grad():
                 self._init_from(weight.detach())
@@ -166,7 +169,8 @@ class LSQQuantizer(Quantizer):
     def _grad_factor(self, x: Tensor) -> float:
         if self.is_weight:
             return self._weight_gf
-        n = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+        # N of the paper: the features of one sample (an unbatched input is one sample)
+        n = math.prod(x.shape[1:]) if x.dim() > self.sample_rank else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self._qp)
 
     def linear_input(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
@@ -266,4 +270,7 @@ class LSQ(Method):
         plus, init = layer.options["lsq_plus"], layer.options["lsq_plus_init"]
         if spec.quant_type == "weight":
             return LSQQuantizer(spec, module.weight, lsq_plus=plus, plus_init=init)
-        return LSQQuantizer(spec, lsq_plus=plus, plus_init=init)
+        q = LSQQuantizer(spec, lsq_plus=plus, plus_init=init)
+        if isinstance(module, nn.modules.conv._ConvNd):  # (C, *spatial) unbatched: a Conv2d's is 3-D
+            q.sample_rank = 1 + len(module.kernel_size)
+        return q
