@@ -1,6 +1,7 @@
 """What LSQ's training overhead on the CPU is made of: the W8A8 LSQ VAE (the study's four layers)
-as shipped, with the first layer's input step frozen, and with every step frozen, timed against
-fp32 side by side in one process.
+as shipped, with its steps' Adam group updated by PyTorch's default per-parameter loop instead of
+the fused update lowbit asks for, with the first layer's input step frozen, and with every step
+frozen, timed against fp32 side by side in one process.
 
     python benchmarks/lsq_cost_split.py                 # 100 rounds of 10 steps, 1 thread
     python benchmarks/lsq_cost_split.py --threads 2 --rounds 40
@@ -11,7 +12,8 @@ steps on the same batches for every variant; a round's time divided by fp32's ti
 round cancels the slow drifts of a shared machine's load.  Printed: the median of those paired
 ratios and their interquartile range.  The frozen variants are measures, not methods (LSQ learns
 every step): the gap between them says what learning fc1's input step (the sparse step sum of
-``lowbit.kernels``) and the other steps cost.  With ``--tiny`` every layer is 8 wide (random
+``lowbit.kernels``) and the other steps cost; the loop variant shows what the fused update of
+the steps' group saves (:func:`lowbit.quantize.quantizer_param_group`).  With ``--tiny`` every layer is 8 wide (random
 8-pixel "images"): the arithmetic vanishes and what is left, printed in ms over fp32, is LSQ's
 fixed cost per training step (module calls, autograd nodes, the steps' gradients and Adam's group
 for them), the part that does not shrink with the work.  Needs MNIST in ``LOWBIT_DATA_DIR`` (else uniform
@@ -32,6 +34,7 @@ from lowbit.models.vae import VAE
 from lowbit.train import make_optimizer
 
 TINY = 8  # layer width of --tiny
+LOOP = "lsq, steps' Adam as a loop"
 
 
 def variants(seed: int = 0, width: int | None = None) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
@@ -39,13 +42,15 @@ def variants(seed: int = 0, width: int | None = None) -> dict[str, tuple[torch.n
     dims = {} if width is None else {"in_features": width, "hidden": width, "latent": width}
     base = VAE(**dims)
     out = {}
-    for tag in ("fp32", "lsq", "lsq, fc1 input step frozen", "lsq, every step frozen"):
+    for tag in ("fp32", "lsq", LOOP, "lsq, fc1 input step frozen", "lsq, every step frozen"):
         m = VAE(**dims)
         m.load_state_dict(base.state_dict())
         opt = make_optimizer(m)
         if tag != "fp32":
             cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": STUDY_LAYERS}]
             lowbit.quantize(m, cfg, "lsq", optimizer=opt)
+        if tag == LOOP:  # the steps' group updated as PyTorch's CPU default: one Python loop step per parameter
+            opt.param_groups[-1].update(fused=None, foreach=False)
         if tag == "lsq, fc1 input step frozen":
             m.fc1.input_quantizer.scale.requires_grad_(False)
         if tag == "lsq, every step frozen":

@@ -65,6 +65,42 @@ def test_lsq_steps_join_the_given_optimizer_and_train():
     assert len(opt.param_groups) == 3 and len(opt.param_groups[2]["params"]) == 2
 
 
+@pytest.mark.parametrize("make, impl", [
+    (lambda p: torch.optim.Adam(p, 1e-3), "fused"),
+    (lambda p: torch.optim.AdamW(p, 1e-3), "fused"),
+    (lambda p: torch.optim.SGD(p, 1e-5, momentum=0.9), "fused"),
+    (lambda p: torch.optim.Adagrad(p, 1e-3), "fused"),
+    (lambda p: torch.optim.RMSprop(p, 1e-3), "foreach"),
+    (lambda p: torch.optim.Adam(p, 1e-3, fused=True), "user's fused"),
+])
+def test_the_quantizer_group_uses_a_multi_tensor_update_with_the_same_steps(make, impl):
+    # a dozen scalar steps cost PyTorch's per-parameter CPU loop ~65 µs each; the group's fused or
+    # foreach update does them in a call or two and must move the steps as the default loop does
+    def trained(group_flags):
+        torch.manual_seed(0)
+        model = VAE()
+        opt = make(model.parameters())
+        lowbit.quantize(model, cfg(), "lsq", optimizer=opt)
+        group = opt.param_groups[1]
+        flags = {k: group.get(k) for k in ("fused", "foreach")}
+        if group_flags is not None:
+            group.update(group_flags)
+        train(model, opt, steps=4)
+        return flags, [p.detach().clone() for p in lowbit.quantizer_parameters(model)]
+
+    flags, steps = trained(None)
+    _, default = trained({"fused": None, "foreach": False})
+    if impl == "fused":
+        assert flags == {"fused": True, "foreach": False}
+    elif impl == "foreach":
+        assert flags["foreach"] is True and not flags.get("fused")
+    else:
+        assert flags["fused"] is True
+    for a, b in zip(steps, default):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b) if impl == "foreach" else torch.allclose(a, b, rtol=1e-3), (a.tolist(), b.tolist())
+
+
 @pytest.mark.parametrize("method, options", [("qat", {}), ("dorefa", {"dorefa_variant": "scaled"}), ("ptq", {})])
 def test_methods_without_parameters_leave_the_optimizer_alone(method, options):
     model = VAE()

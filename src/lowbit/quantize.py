@@ -74,11 +74,32 @@ def quantize(
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         new = [p for p in quantizer_parameters(model) if id(p) not in known]
         if new:
-            group: dict[str, Any] = {"params": new}
-            if "weight_decay" in optimizer.defaults:
-                group["weight_decay"] = 0.0
-            optimizer.add_param_group(group)
+            optimizer.add_param_group(quantizer_param_group(optimizer, new))
     return model
+
+
+def quantizer_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, Any]:
+    """The parameter group :func:`quantize` adds to ``optimizer`` for the quantizer parameters
+    ``params`` (LSQ steps and offsets, DoReFa's learned scales): no weight decay, and for CPU
+    parameters PyTorch's ``fused`` implementation where the optimizer has one (Adam, AdamW, SGD,
+    Adagrad), else ``foreach``.  The parameters are a dozen scalars (or one value per channel):
+    the CPU default, a Python loop of about eight tensor operations per parameter, costs 60-70 µs
+    each — on the VAE more than some quantizers' arithmetic — and the fused update does all of
+    them in one call (~20 µs each).  Fused updates compute the same formula in another order (the
+    last bits differ from the loop's); ``foreach`` ones are bit for bit the loop's.  An optimizer
+    built ``fused`` or ``differentiable``, or parameters off the CPU (where PyTorch already picks
+    ``foreach``), keep the optimizer's own choice."""
+    group: dict[str, Any] = {"params": params}
+    defaults = optimizer.defaults
+    if "weight_decay" in defaults:
+        group["weight_decay"] = 0.0
+    if defaults.get("differentiable") or defaults.get("fused") or not all(p.device.type == "cpu" for p in params):
+        return group
+    if "fused" in defaults:
+        group["fused"], group["foreach"] = True, False
+    elif "foreach" in defaults:
+        group["foreach"] = True
+    return group
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantWrapper]:
