@@ -58,7 +58,7 @@ def test_lsq_plus_init_runs(mnist):
 @pytest.mark.slow
 def test_lsq_cost_split_runs():
     out = _run("lsq_cost_split.py", "--rounds", "2", "--steps", "1")
-    for row in ("fp32", "lsq, fc1 input step frozen", "lsq, every step frozen"):
+    for row in ("fp32", "lsq, steps' Adam as a loop", "lsq, fc1 input step frozen", "lsq, every step frozen"):
         assert row in out
     assert "ms over fp32" in out
     tiny = _run("lsq_cost_split.py", "--rounds", "2", "--steps", "1", "--tiny")
