@@ -55,7 +55,6 @@ def test_activation_initialised_on_first_batch_unsigned_when_non_negative():
 @pytest.mark.parametrize("bad,match", [
     (torch.tensor([[0.5, float("inf")] + [0.0] * 14]), "contains inf"),
     (torch.tensor([[0.5, float("nan")] + [0.0] * 14]), "contains NaN"),
-    (torch.empty(0, 16), "first batch, which is empty"),
 ])
 def test_activation_step_is_not_initialised_from_a_bad_first_batch(bad, match):
     w = layer(types=("input",))
@@ -232,12 +231,23 @@ def test_an_lsq_plus_state_loads_into_either_initialisation():
     assert new.weight_quantizer.scale.item() == old.weight_quantizer.scale.item()
 
 
-def test_an_empty_batch_after_initialisation_passes_through():
+def test_an_empty_batch_passes_through_and_initialises_nothing():
     w = layer()
+    y = w(torch.empty(0, 16))  # nothing to initialise the input step from: it waits for data
+    assert y.shape == (0, 8) and not w.input_quantizer.initialized
     w(torch.rand(32, 16))
+    assert w.input_quantizer.initialized
     y = w(torch.empty(0, 16))  # (the gradient scale divided by the batch's zero size)
     assert y.shape == (0, 8)
     y.sum().backward()
+
+
+def test_an_integer_input_is_quantized_as_its_float_values():
+    w = layer(types=("input",))
+    x = torch.randint(0, 4, (32, 16))
+    y = w(x)  # (the step's initialisation took a mean of integers)
+    assert torch.equal(y, w(x.float()))
+    assert w.input_quantizer.scale.item() == pytest.approx(2 * x.float().mean().item() / math.sqrt(15), rel=1e-6)
 
 
 def test_gradient_scale_counts_one_unbatched_conv_input_as_one_sample():

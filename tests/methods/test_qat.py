@@ -200,3 +200,19 @@ def test_a_non_finite_weight_is_refused_on_every_path(granularity):
         after = wrapper.input_quantizer.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before)
         assert torch.isfinite(wrapper(torch.rand(2, 16))).all()
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq"])
+def test_an_empty_batch_passes_through_as_through_the_plain_layer(method):
+    from lowbit import kernels
+
+    for ctx in (contextlib.nullcontext, kernels.disabled):
+        with ctx():
+            m = lowbit.quantize(nn.Sequential(nn.Linear(16, 8)),
+                                [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+            assert m(torch.empty(0, 16)).shape == (0, 8)  # (observing its range raised)
+            assert not m[0].input_quantizer._initialized
+            m(torch.rand(4, 16))
+            before = m[0].input_quantizer.grid().to_dict()
+            assert m(torch.empty(0, 16)).shape == (0, 8)
+            assert m[0].input_quantizer.grid().to_dict() == before

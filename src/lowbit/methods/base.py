@@ -585,6 +585,8 @@ class RangeQuantizer(Quantizer):
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:  # an empty batch: nothing to observe, nothing to quantize
+            return x
         st = self._st
         if st[4] is None and st[0] and self.axis is None and on_host(x):
             # the tensor path ran last (the model was on a GPU, or is back from one): read its state

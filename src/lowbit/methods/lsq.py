@@ -126,6 +126,8 @@ class LSQQuantizer(Quantizer):
             raise ValueError(f"this LSQ {self.quant_type} quantizer initialises its step from its first batch, "
                              "which is empty: start training (or lowbit.calibrate) with a non-empty batch")
         check_finite(x)
+        if not x.is_floating_point():  # (an integer input: its values are what the grid sees)
+            x = x.float()
         if self._auto_sign:
             signed = bool(x.min() < 0)
             self.signed.fill_(signed)
@@ -155,6 +157,8 @@ class LSQQuantizer(Quantizer):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized:
+            if x.numel() == 0:  # an empty batch: nothing to initialise from, nothing to quantize
+                return x
             if not self.training:
                 raise NotCalibratedError(
                     f"this LSQ {self.quant_type} quantizer has seen no data: its step is initialised "
