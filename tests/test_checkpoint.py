@@ -184,3 +184,13 @@ def test_truncated_or_foreign_optimizer_state_is_reported(tmp_path, tiny_images)
     (tmp_path / "optimizer.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="holds no lowbit optimizer state"):
         load_optimizer(tmp_path, make_optimizer(model))
+
+
+def test_a_run_whose_config_this_lowbit_refuses_is_a_checkpoint_error(tmp_path):
+    # e.g. unsigned symmetric PTQ weights, accepted before 0.3.6 (they zeroed every negative weight)
+    quant = {"method": "ptq", "config_list": [{"quant_types": ["weight"], "quant_bits": 8, "op_names": ["fc1"],
+                                               "quant_dtype": "uint"}], "options": {}}
+    save_run(tmp_path / "run", VAE(), model_spec={"name": "vae", "kwargs": {}}, quant=quant)
+    with pytest.raises(CheckpointError, match=r"meta.json: this lowbit refuses the run's quantization config .*"
+                                              r"quant_dtype 'uint'.*retrain the run"):
+        load_model(tmp_path / "run")

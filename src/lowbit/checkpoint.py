@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
+from .config import ConfigError
 from .models import build_model
 
 __all__ = [
@@ -217,7 +218,11 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
         defaults = quant.get("method_defaults")
         if defaults is None:  # saved by lowbit < 0.2.0
             defaults = _LEGACY_DEFAULTS.get(quant["method"], {})
-        quantize(model, quant["config_list"], method=quant["method"], **{**defaults, **quant.get("options", {})})
+        try:
+            quantize(model, quant["config_list"], method=quant["method"], **{**defaults, **quant.get("options", {})})
+        except ConfigError as e:  # a config an older lowbit accepted and this one refuses
+            raise CheckpointError(f"{run_dir / META}: this lowbit refuses the run's quantization config ({e}); "
+                                  "retrain the run with a config this version accepts") from e
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that do not fit

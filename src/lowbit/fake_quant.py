@@ -318,6 +318,12 @@ def clipped_fake_quantize(
     return _ClippedFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16/bfloat16: the step's gradient is a difference of two sums
+    over the whole tensor, which half precision would round away (tens of percent off)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _sum_but(t: Tensor, axis: int | None) -> Tensor:
     if axis is None:
         return t.sum()
@@ -351,8 +357,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         s_t = scale.abs().clamp_min(MIN_SCALE)
         zp_t = None if zero_point is None else torch.round(zero_point).clamp(qmin, qmax)
         s, inv, lo, hi = _resolve(x, s_t, zp_t, qmin, qmax, axis)
-        out = _clamp((x * inv).round_(), lo, hi, True).mul_(s).to(x.dtype)  # c * s, c = clamp(round(x / s))
-        ctx.save_for_backward(x, out, scale.detach())
+        wide = _clamp((x * inv).round_(), lo, hi, True).mul_(s)  # c * s, c = clamp(round(x / s)), in s's dtype
+        out = wide.to(x.dtype)
+        # (the step's gradient reads c * s unrounded: a float16/bfloat16 out would cost it percents)
+        ctx.save_for_backward(x, wide if ctx.needs_input_grad[1] else out, scale.detach())
         ctx.s = s
         ctx.bounds = _x_bounds(s, lo, hi)
         return out
@@ -366,11 +374,12 @@ class _LSQFakeQuant(torch.autograd.Function):
             gs = gzp = None
             if ctx.needs_input_grad[1]:
                 # d x_hat / d s = c - [in range] x / s  (Esser et al. 2020, eq. 3), c = out / s
-                gs = (torch.dot(g.reshape(-1), out.reshape(-1)) - torch.dot(gx.reshape(-1), x.reshape(-1)))
+                ga, gxa = _wide(g).reshape(-1), _wide(gx).reshape(-1)
+                gs = torch.dot(ga, _wide(out).reshape(-1)) - torch.dot(gxa, _wide(x).reshape(-1))
                 gs = (gs * (ctx.grad_factor * sign / s)).reshape(ctx.s_shape)
             if ctx.learn_zp:
                 # d x_hat / d zp = -s where clamped, 0 inside (straight through the rounding)
-                gzp = ((gx.sum() - g.sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
+                gzp = ((_wide(gx).sum() - _wide(g).sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
             return gx, gs, gzp, None, None, None, None
         x, out, scale = ctx.saved_tensors
         s = ctx.s
@@ -379,10 +388,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         gs = gzp = None
         s_vec = s.reshape(-1) if ctx.axis is not None else s
         if ctx.needs_input_grad[1]:
-            gs = (_sum_but(g * out, ctx.axis) - _sum_but(gx * x, ctx.axis)) / s_vec
+            gs = (_sum_but(_wide(g) * _wide(out), ctx.axis) - _sum_but(_wide(gx) * _wide(x), ctx.axis)) / s_vec
             gs = (gs * ctx.grad_factor * torch.where(scale < 0, -1.0, 1.0)).reshape(ctx.s_shape)
         if ctx.learn_zp:
-            gzp = -(_sum_but(g, ctx.axis) - _sum_but(gx, ctx.axis)) * s_vec
+            gzp = -(_sum_but(_wide(g), ctx.axis) - _sum_but(_wide(gx), ctx.axis)) * s_vec
             gzp = (gzp * ctx.grad_factor).reshape(ctx.zp_shape)
         return gx, gs, gzp, None, None, None, None
 

@@ -53,6 +53,7 @@ def quantize(
     method_cls = get_method(method)
     specs = parse_config(config_list, model, method_cls.name, options)
     names = module_names(model)
+    built: list[tuple[nn.Module, QuantWrapper]] = []
     for name, spec in specs.items():
         layer = model.get_submodule(name)
         qs = {t: (method_cls.build_quantizer(getattr(spec, t), spec, layer) if getattr(spec, t) else None) for t in QUANT_TYPES}
@@ -69,16 +70,28 @@ def quantize(
         for q in wrapper.quantizers().values():
             q.to(device=ref.device)
         wrapper.train(layer.training)
-        replace_module(model, layer, wrapper, names)  # a layer registered under several names: under all of them
-    if optimizer is not None:
+        built.append((layer, wrapper))
+    new: list[nn.Parameter] = []
+    if optimizer is not None:  # checked before the model changes
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        new = [p for p in quantizer_parameters(model) if id(p) not in known]
-        if new:
-            optimizer.add_param_group(quantizer_param_group(optimizer, new))
+        new = [p for _, w in built for p in quantizer_parameters(w) if id(p) not in known]
+        if new and isinstance(optimizer, torch.optim.LBFGS):
+            raise ConfigError(
+                f"torch.optim.LBFGS keeps a single parameter group, so the {len(new)} quantizer parameters of "
+                f"{method_cls.name} cannot join it as a group of their own: quantize without optimizer=, then build "
+                "LBFGS over model.parameters() (which then include them)"
+            )
+    for layer, wrapper in built:
+        replace_module(model, layer, wrapper, names)  # a layer registered under several names: under all of them
+    if new:
+        param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        optimizer.add_param_group(quantizer_param_group(optimizer, new, [param_name[id(p)] for p in new]))
     return model
 
 
-def quantizer_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> dict[str, Any]:
+def quantizer_param_group(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter], names: list[str] | None = None
+) -> dict[str, Any]:
     """The parameter group :func:`quantize` adds to ``optimizer`` for the quantizer parameters
     ``params`` (LSQ steps and offsets, DoReFa's learned scales): no weight decay, and for CPU
     parameters PyTorch's ``fused`` implementation where the optimizer has one (Adam, AdamW, SGD,
@@ -86,18 +99,24 @@ def quantizer_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Para
     the CPU default, a Python loop of about eight tensor operations per parameter, costs 60-70 µs
     each — on the VAE more than some quantizers' arithmetic — and the fused update does all of
     them in one call (~20 µs each).  Fused updates compute the same formula in another order (the
-    last bits differ from the loop's); ``foreach`` ones are bit for bit the loop's.  An optimizer
-    built ``fused`` or ``differentiable``, or parameters off the CPU (where PyTorch already picks
-    ``foreach``), keep the optimizer's own choice."""
+    last bits differ from the loop's); ``foreach`` ones are bit for bit the loop's.  Only an
+    unset choice is made: an optimizer built with ``fused=...`` keeps it (``fused=False``:
+    ``foreach``, bit for bit the loop), one built with ``foreach=False`` or ``differentiable`` keeps
+    the loop; parameters off the CPU keep PyTorch's own choice (``foreach`` on a GPU).  Where the
+    optimizer's groups carry parameter names (built from ``named_parameters()``), so does this one
+    (``names``: the parameters' names in the model)."""
     group: dict[str, Any] = {"params": params}
     defaults = optimizer.defaults
     if "weight_decay" in defaults:
         group["weight_decay"] = 0.0
-    if defaults.get("differentiable") or defaults.get("fused") or not all(p.device.type == "cpu" for p in params):
+    if names is not None and any("param_names" in g for g in optimizer.param_groups):
+        group["param_names"] = list(names)
+    if defaults.get("differentiable") or not all(p.device.type == "cpu" for p in params):
         return group
-    if "fused" in defaults:
+    fused, foreach = defaults.get("fused"), defaults.get("foreach")
+    if "fused" in defaults and fused is None and foreach is None:
         group["fused"], group["foreach"] = True, False
-    elif "foreach" in defaults:
+    elif "foreach" in defaults and foreach is None and not fused:
         group["foreach"] = True
     return group
 

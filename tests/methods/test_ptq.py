@@ -116,9 +116,19 @@ def test_unsigned_symmetric_weights_are_refused(method):
     m = nn.Sequential(nn.Linear(16, 8))
     entry = {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"],
              "quant_scheme": "symmetric", "quant_dtype": "uint"}
-    with pytest.raises(ConfigError, match="symmetric with quant_dtype 'uint'.*quant_scheme 'affine'"):
+    with pytest.raises(ConfigError, match="symmetric with quant_dtype 'uint'.*quant_scheme {'weight': 'affine'}"):
         lowbit.quantize(m, [entry], method)
     assert isinstance(m[0], nn.Linear)
     # unsigned affine weights (NNI's grid) and unsigned symmetric activations stay allowed
     lowbit.quantize(m, [{**entry, "quant_scheme": "affine"}], method)
     lowbit.quantize(nn.Sequential(nn.Linear(16, 8)), [{**entry, "quant_types": ["input"]}], method)
+
+
+def test_percentile_calibration_refuses_nan():
+    # kthvalue sorts NaN last: the 99.99th percentile skipped a few NaNs silently
+    m = lowbit.quantize(nn.Sequential(nn.Linear(16, 8)), [{"quant_types": ["input"], "quant_bits": 8,
+                                                          "op_types": ["Linear"], "calibration": "percentile"}], "ptq")
+    x = torch.rand(4096, 16)
+    x[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="contains NaN"):
+        lowbit.calibrate(m, [x])

@@ -107,8 +107,10 @@ class Quantizer(nn.Module):
         if self.axis is not None and not channels:
             raise ValueError("a per-channel quantizer needs the number of channels")
         self._shape: tuple[int, ...] = (channels,) if self.axis is not None else ()
-        # the grid's bits, kept in the state so that a state saved at other bits is refused on load
-        self.register_buffer("code_bits", torch.tensor(spec.range_bits, dtype=torch.int64))
+        # the grid's codes [qmin, qmax], kept in the state so that a state saved from another grid
+        # (other bits, signedness, scheme or weight_range) is refused on load: written from
+        # self.qmin/qmax (set by the subclass) whenever the state is saved or loaded
+        self.register_buffer("code_range", torch.zeros(2, dtype=torch.int64))
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -162,14 +164,35 @@ class Quantizer(nn.Module):
     def _sync(self) -> None:
         """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
 
+    def _codes(self) -> tuple[int, int]:
+        """This grid's ``(qmin, qmax)`` (``(0, 0)`` for a subclass that keeps none)."""
+        return int(getattr(self, "qmin", 0)), int(getattr(self, "qmax", 0))
+
+    def _loadable_codes(self) -> set[tuple[int, int]]:
+        """The code ranges a loaded state may come from: this grid's (LSQ with its sign decided on
+        the first batch: either sign's)."""
+        return {self._codes()}
+
+    @torch.no_grad()
+    def _record_codes(self) -> None:
+        self.code_range.copy_(torch.tensor(self._codes(), dtype=torch.int64))
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self._record_codes()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
         """Why the entries of a state dict (under ``prefix``) cannot be this quantizer's state, or
-        ``None``: by default, a state saved from a grid of other bits."""
-        saved = state.get(prefix + "code_bits")
-        if isinstance(saved, Tensor) and saved.numel() == 1 and int(saved) != self.spec.range_bits:
-            return (f"{prefix.rstrip('.')}: the state was saved from a grid of {int(saved)} bits and this quantizer's "
-                    f"has {self.spec.range_bits} (its ranges or steps belong to the other grid): quantize with the config_list the state was "
-                    f"saved with, or load only the float layers' weights")
+        ``None``: by default, a state saved from a grid of other codes."""
+        saved = state.get(prefix + "code_range")
+        if isinstance(saved, Tensor) and saved.numel() == 2 and saved.device.type != "meta":
+            got = tuple(int(v) for v in saved.tolist())
+            if got not in self._loadable_codes():
+                qmin, qmax = self._codes()
+                return (f"{_state_name(prefix)}: the state was saved from a grid with codes [{got[0]}, {got[1]}] and "
+                        f"this quantizer's are [{qmin}, {qmax}] ({self.spec.describe()}): its ranges or steps "
+                        "belong to the other grid; quantize with the config_list the state was saved with (bits, "
+                        "quant_dtype, quant_scheme, weight_range), or load only the float layers' weights")
         return None
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, strict: bool,
@@ -178,11 +201,16 @@ class Quantizer(nn.Module):
         if problem is not None:  # (load_state_dict raises with it once every module is visited)
             error_msgs.append(problem)
             return
-        if prefix + "code_bits" not in state_dict:  # a state saved by lowbit < 0.3.6, which did not record it
-            state_dict = {**state_dict, prefix + "code_bits": self.code_bits}
+        key = prefix + "code_range"
+        if key not in state_dict:  # a state saved by lowbit < 0.3.6, which did not record it: a fresh
+            # record, on the device of the state's other entries (assign=True takes the tensor itself)
+            device = next((v.device for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, Tensor)),
+                          torch.device("cpu"))
+            state_dict = {**state_dict, key: torch.tensor(self._codes(), dtype=torch.int64, device=device)}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._sync()
+        self._record_codes()
 
     def _describe_grid(self) -> str:
         try:
@@ -290,8 +318,8 @@ class Method:
         if quant_type == "weight" and scheme == "symmetric" and dtype == "uint":
             raise ConfigError(
                 f"{cls.name} weight quantization cannot be symmetric with quant_dtype 'uint': an unsigned symmetric "
-                "grid has no negative codes, so every negative weight would quantize to 0; use quant_dtype 'int' "
-                "(or leave it unset) or quant_scheme 'affine'"
+                "grid has no negative codes, so every negative weight would quantize to 0; use quant_dtype "
+                "{'weight': 'int'} (or leave it unset) or quant_scheme {'weight': 'affine'}"
             )
         grans = cls.granularities[quant_type]
         if granularity is None:
@@ -347,6 +375,10 @@ INF_MESSAGE = (
     "the tensor to quantize contains inf: its range would be infinite and every later output NaN "
     "(training has diverged, or the input holds inf: lower the learning rate, or check the input data)"
 )
+
+
+def _state_name(prefix: str) -> str:
+    return prefix.rstrip(".") or "the quantizer"
 
 
 def check_finite(x: Tensor) -> None:
@@ -405,6 +437,7 @@ class RangeQuantizer(Quantizer):
         self.start_step = int(start_step)
         self.symmetric = spec.scheme == "symmetric"
         self.qmin, self.qmax = code_range(spec)
+        self._record_codes()
         shape = self._shape
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
@@ -483,7 +516,7 @@ class RangeQuantizer(Quantizer):
         if problem is None and isinstance(zp, Tensor) and zp.numel() and (
             int(zp.min()) < self.qmin or int(zp.max()) > self.qmax or (self.symmetric and bool((zp != 0).any()))
         ):
-            problem = (f"{prefix.rstrip('.')}: the state's zero points [{int(zp.min())}, {int(zp.max())}] do not fit this quantizer's "
+            problem = (f"{_state_name(prefix)}: the state's zero points [{int(zp.min())}, {int(zp.max())}] do not fit this quantizer's "
                        f"grid (codes [{self.qmin}, {self.qmax}], {self.spec.scheme}): it was saved from another "
                        f"quant_scheme or quant_dtype; quantize with the config_list the state was saved with")
         return problem
@@ -495,6 +528,8 @@ class RangeQuantizer(Quantizer):
             return torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
         if self.tracking == "percentile":
             flat = x.reshape(-1).float()
+            if flat.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isnan(flat).any()):
+                raise ValueError(NAN_MESSAGE)  # (kthvalue sorts NaN last: a percentile would skip a few)
             n = flat.numel()
             k_hi = min(n, max(1, math.ceil(self.percentile * n / 100)))
             k_lo = max(1, n + 1 - k_hi)

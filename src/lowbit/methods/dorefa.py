@@ -164,6 +164,7 @@ class DoReFaWeightQuantizer(Quantizer):
             self.qmin, self.qmax = -((1 << rb) - 1), (1 << rb) - 1
         else:
             self.qmin, self.qmax = qrange(rb, True, narrow=True)
+        self._record_codes()
         self.learned = variant == "learned"
         if self.learned:
             if weight is None:
@@ -237,6 +238,7 @@ class DoReFaActivationQuantizer(Quantizer):
     def __init__(self, spec: TensorSpec) -> None:
         super().__init__(spec)
         self.qmin, self.qmax = 0, (1 << spec.bits) - 1
+        self._record_codes()
         self.register_buffer("scale", torch.tensor(1.0 / self.qmax), persistent=False)
         self._s = self.scale.item()
         self._inv = f32(1.0 / self._s)

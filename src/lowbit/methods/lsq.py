@@ -101,6 +101,7 @@ class LSQQuantizer(Quantizer):
         self._auto_sign = spec.dtype is None
         self._initialized = False
         self._set_range(spec.dtype != "uint")
+        self._record_codes()
         self._weight_gf = 1.0
         #: the rank of one unbatched sample of the layer's activations (Conv2d: 3, Linear: 1): a tensor
         #: of this rank or less is one sample for the gradient scale, a larger one a batch
@@ -110,6 +111,11 @@ class LSQQuantizer(Quantizer):
                 self._init_from(weight.detach())
             per = weight[0].numel() if self.axis is not None else weight.numel()
             self._weight_gf = 1.0 / math.sqrt(per * self._qp)
+
+    def _loadable_codes(self) -> set[tuple[int, int]]:
+        if self._auto_sign:  # (the state's own `signed` decides)
+            return {qrange(self.spec.range_bits, True), qrange(self.spec.range_bits, False)}
+        return {self._codes()}
 
     def _set_range(self, signed: bool) -> None:
         self.qmin, self.qmax = qrange(self.spec.range_bits, signed)
