@@ -3,6 +3,8 @@ trip, load back), fold (plain float model reproducing the simulated outputs)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 
 import pytest
@@ -445,3 +447,89 @@ def test_lsq_step_gradient_of_a_half_precision_tensor_is_summed_in_float32(dtype
     ref_scale = scale.detach().double().requires_grad_(True)
     lsq_fake_quantize(x.double(), ref_scale, None, -8, 7, 1.0, axis).backward(g.double())
     assert torch.allclose(scale.grad.double(), ref_scale.grad, rtol=2e-2, atol=1e-3)
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+MLP_CFG = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}]
+
+
+def test_lsq_trains_under_bfloat16_autocast():
+    # the fused first layer's bfloat16 output sent a bfloat16 gradient into its float32 backward
+    from lowbit import kernels
+
+    results = []
+    for ctx in (contextlib.nullcontext, kernels.disabled):
+        with ctx():
+            m = lowbit.quantize(_mlp(), MLP_CFG, "lsq")
+            g = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = m(torch.rand(16, 20, generator=g))
+                out.float().sum().backward()
+            results.append(m[0].input_quantizer.scale.grad.clone())
+    assert torch.isfinite(results[0]) and torch.allclose(results[0], results[1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("method, options", [("qat", {}), ("qat", {"quant_start_step": 2}), ("lsq", {}), ("ptq", {})])
+def test_activation_checkpointing_neither_advances_the_state_again_nor_changes_the_grid(method, options, reentrant):
+    # the recomputed forward ran in the backward pass as a second training forward: QAT's EMA moved
+    # twice, quant_start_step counted twice, the backward used the moved grid, LSQ's first step
+    # recomputed on another path (checkpoint refused its saved tensors)
+    from torch.utils.checkpoint import checkpoint
+
+    def run(ckpt):
+        m = lowbit.quantize(_mlp(), MLP_CFG, method, **options)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x = (torch.rand(16, 20, generator=g) * 3).requires_grad_(reentrant)  # (reentrant needs one)
+            h = checkpoint(m[0], x, use_reentrant=reentrant) if ckpt else m[0](x)
+            m[2](m[1](h)).square().sum().backward()
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        return state, [p.grad.clone() for p in m.parameters()]
+
+    (plain, plain_grads), (ckpt, ckpt_grads) = run(False), run(True)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        assert torch.equal(plain[k], ckpt[k]), k
+    for a, b in zip(plain_grads, ckpt_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq"])
+def test_a_state_copied_tensor_by_tensor_is_the_one_used(method):
+    # an EMA / teacher copy updated in place (timm's ModelEmaV2 style): the quantizers kept using
+    # their own Python copy of the ranges (off by 0.29), or raised NotCalibratedError
+    m = lowbit.quantize(_mlp(), MLP_CFG, method)
+    ema = copy.deepcopy(m)  # before any data: uncalibrated
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        m(torch.rand(16, 20, generator=g) * 5).sum().backward()
+        if method == "ptq":
+            lowbit.calibrate(m, [torch.rand(16, 20, generator=g) * 5])
+        with torch.no_grad():
+            for e, v in zip(ema.state_dict().values(), m.state_dict().values()):
+                e.copy_(v)
+    m.eval()
+    ema.eval()
+    x = torch.rand(4, 20, generator=g) * 5
+    assert torch.equal(ema(x), m(x))
+    # a dtype change replaces the buffers (not written in place): the ranges are kept
+    m.train()
+    m(torch.rand(16, 20, generator=g) * 7)
+    m.eval()
+    want = m(x)
+    m.double()
+    assert torch.allclose(m(x.double()).float(), want, atol=1e-5)
+
+
+def test_calibrate_names_the_fix_for_batches_of_inputs_and_targets():
+    model = lowbit.quantize(VAE(), cfg(), "ptq")
+    batches = [(torch.rand(8, 784), torch.zeros(8))]  # what a DataLoader over a TensorDataset yields
+    with pytest.raises(TypeError, match=r"a tuple of 2 .*forward=lambda model, batch: model\(batch\[0\]\)"):
+        lowbit.calibrate(model, batches)
+    lowbit.calibrate(model, batches, forward=lambda m, b: m(b[0]))

@@ -161,6 +161,15 @@ def calibrate(
         for batch in batches:
             if forward is not None:
                 forward(model, batch)
+            elif isinstance(batch, (list, tuple)):
+                try:
+                    model(batch)
+                except Exception as e:  # (the model's own error, about a list it was not made for)
+                    raise TypeError(
+                        f"calibrate called model(batch) with a {type(batch).__name__} of {len(batch)} (a DataLoader "
+                        f"of (inputs, targets)?) and the model refused it ({type(e).__name__}: {e}): pass "
+                        "forward=lambda model, batch: model(batch[0]), or batches of inputs"
+                    ) from e
             else:
                 model(batch)
     finally:

@@ -54,6 +54,8 @@ __all__ = [
     "one_of",
     "code_range",
     "check_finite",
+    "in_backward",
+    "in_backward",
 ]
 
 
@@ -377,6 +379,13 @@ INF_MESSAGE = (
 )
 
 
+def in_backward() -> bool:
+    """Whether this call runs inside a backward pass: a forward recomputed by activation
+    checkpointing (``torch.utils.checkpoint``), which must neither advance a quantizer's state
+    again nor quantize on another grid than the first forward did."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _state_name(prefix: str) -> str:
     return prefix.rstrip(".") or "the quantizer"
 
@@ -449,8 +458,13 @@ class RangeQuantizer(Quantizer):
         if self.start_step > 0:
             self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         # Python-side state, mutated in place (no nn.Module.__setattr__ in the hot path):
-        # [initialized, steps, batches, dirty, py] with py = (tmin, tmax, scale, zp, inv, clamp) or None
-        self._st: list[Any] = [False, 0, 0, False, None]
+        # [initialized, steps, batches, dirty, py, last_float] with py = (tmin, tmax, scale, zp, inv,
+        # clamp) or None, last_float: whether the last training pass returned its input unquantized
+        self._st: list[Any] = [False, 0, 0, False, None, False]
+        #: buffers whose in-place writes tell a state copied in (a copy writes them all; an average of
+        #: the float ones writes tracked_min): their (tensor, version) when last read or written here
+        self._watched = [n for n in ("tracked_min", "initialized", "step") if n in self._buffers]
+        self._note_buffers()
         #: the fused kernel's code for this tracking (per-tensor only), None where it has none
         self._fused_tracking = None if self.axis is not None else _FUSED_TRACKING.get(tracking)
 
@@ -476,6 +490,26 @@ class RangeQuantizer(Quantizer):
             return None
         return self._unseen_problem(steps_ahead)
 
+    def _note_buffers(self) -> None:
+        b = self._buffers
+        self._seen = [(n, b[n], b[n]._version) for n in self._watched]
+
+    def _buffers_written(self) -> bool:
+        """Whether a mirrored buffer was written in place since this quantizer last read or wrote
+        it (a state copied tensor by tensor); a buffer replaced by another tensor (``.to(dtype)``,
+        ``.half()``) is noted, not read: the Python copy may be newer than it."""
+        b = self._buffers
+        replaced = False
+        for n, t, v in self._seen:
+            cur = b[n]
+            if cur is not t:
+                replaced = True
+            elif cur._version != v:
+                return True
+        if replaced:
+            self._note_buffers()
+        return False
+
     def _sync(self) -> None:
         st = self._st
         st[0] = bool(self.initialized)
@@ -486,6 +520,7 @@ class RangeQuantizer(Quantizer):
         if st[0] and self.axis is None:
             s = self.scale.item()
             st[4] = (self.tracked_min.item(), self.tracked_max.item(), s, int(self.zero_point.item()), f32(1.0 / s), True)
+        self._note_buffers()
 
     @torch.no_grad()
     def _flush(self) -> None:
@@ -505,6 +540,7 @@ class RangeQuantizer(Quantizer):
         if self.tracking == "percentile":
             self.batches.fill_(st[2])
         st[3] = False
+        self._note_buffers()
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         self._flush()
@@ -604,6 +640,7 @@ class RangeQuantizer(Quantizer):
             self.initialized.fill_(True)
             st[0] = True
         st[4] = None
+        self._note_buffers()
 
     def _finite_range(self, lo_t: Tensor, hi_t: Tensor) -> tuple[Tensor, Tensor]:
         """A batch range to observe, with a NaN/inf in it handled: on the CPU, the same ValueError as
@@ -623,20 +660,30 @@ class RangeQuantizer(Quantizer):
         if x.numel() == 0:  # an empty batch: nothing to observe, nothing to quantize
             return x
         st = self._st
-        if st[4] is None and st[0] and self.axis is None and on_host(x):
+        if not torch.compiler.is_compiling() and self._buffers_written():
+            self._sync()  # (written in place: a copied state, e.g. an EMA / teacher model's; it wins)
+        elif st[4] is None and st[0] and self.axis is None and on_host(x):
             # the tensor path ran last (the model was on a GPU, or is back from one): read its state
             # into the Python-number copy, or the fast path would start the range tracking afresh
             self._flush()
             self._sync()
-        if self.start_step > 0 and st[1] < self.start_step:
-            if self.training:
-                st[1] += 1
-                st[3] = True
-                if self.tracking != "current":
-                    self.observe(x)
-            return x
+        again = in_backward()  # a forward recomputed by activation checkpointing: same grid, no update
+        if self.start_step > 0:
+            if again:
+                if st[5] if self.training else st[1] < self.start_step:
+                    return x
+            elif st[1] < self.start_step:
+                if self.training:
+                    st[1] += 1
+                    st[3] = st[5] = True
+                    if self.tracking != "current":
+                        self.observe(x)
+                return x
+            elif self.training:
+                st[5] = False
         current = self.tracking == "current"
-        if (current or self.training) and self._fused_tracking is not None:
+        observing = (current or self.training) and not again
+        if observing and self._fused_tracking is not None:
             k = kernels.get() if fusable(x) else None
             if k is not None:  # observe, update the range, quantize: one C++ call, same numbers
                 py = st[4]
@@ -655,7 +702,7 @@ class RangeQuantizer(Quantizer):
                 st[4] = tuple(state)
                 st[0] = st[3] = True
                 return out
-        if current or self.training:
+        if observing:
             self.observe(x)
         elif not st[0]:
             raise NotCalibratedError(

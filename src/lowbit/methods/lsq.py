@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
-from .base import (WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, check_finite, is_bool, one_of,
-                   register_method)
+from .base import (WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward, is_bool,
+                   one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -162,6 +162,8 @@ class LSQQuantizer(Quantizer):
         self._initialized = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._initialized and bool(self.initialized):  # the buffers were written in place (a copy)
+            self._sync()
         if not self._initialized:
             if x.numel() == 0:  # an empty batch: nothing to initialise from, nothing to quantize
                 return x
@@ -190,9 +192,14 @@ class LSQQuantizer(Quantizer):
         dense ``dL/dx_hat`` (a GEMM as large as the layer's forward; on MNIST ~80% of it is
         multiplied by zero pixels) — :mod:`lowbit.kernels`.  Same values forward; the step's
         gradient is the same sum in another order."""
+        if not self._initialized and self.training and not self.is_weight and x.numel() and not in_backward():
+            # initialise here, not in forward: a recomputed forward (activation checkpointing) then
+            # takes the same (fused) path as the first one did
+            self._init_from(x.detach())
         if (
             self.is_weight
             or not self._initialized
+            or torch.is_autocast_enabled("cpu")  # (its bfloat16 output's gradient meets float32 saves)
             or self.axis is not None
             or self.zero_point is not None
             or x.requires_grad
