@@ -96,9 +96,9 @@ def quantizer_param_group(
     ``params`` (LSQ steps and offsets, DoReFa's learned scales): no weight decay, and for CPU
     parameters PyTorch's ``fused`` implementation where the optimizer has one (Adam, AdamW, SGD,
     Adagrad), else ``foreach``.  The parameters are a dozen scalars (or one value per channel):
-    the CPU default, a Python loop of about eight tensor operations per parameter, costs 60-70 µs
-    each — on the VAE more than some quantizers' arithmetic — and the fused update does all of
-    them in one call (~20 µs each).  Fused updates compute the same formula in another order (the
+    the CPU default, a Python loop of about eight tensor operations per parameter, costs tens of
+    µs each — on the VAE more than some quantizers' arithmetic (``benchmarks/lsq_cost_split.py``)
+    — and the fused update does them all in one call.  Fused updates compute the same formula in another order (the
     last bits differ from the loop's); ``foreach`` ones are bit for bit the loop's.  Only an
     unset choice is made: an optimizer built with ``fused=...`` keeps it (``fused=False``:
     ``foreach``, bit for bit the loop), one built with ``foreach=False`` or ``differentiable`` keeps

@@ -55,7 +55,6 @@ __all__ = [
     "code_range",
     "check_finite",
     "in_backward",
-    "in_backward",
 ]
 
 
