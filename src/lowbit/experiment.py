@@ -126,6 +126,12 @@ def model_size(model: nn.Module) -> dict[str, int]:
     return {"parameters": params, "bytes_fp32": fp32, "bytes_quantized": packed}
 
 
+def _measure(model: nn.Module, test_images: torch.Tensor, spec: RunSpec) -> dict[str, Any]:
+    """The test metrics of a record (``before`` / ``after``): evaluation with ``spec``'s settings
+    (seed 0) and the timed evaluation pass."""
+    return _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+
+
 def _metrics(result: EvalResult, seconds: float) -> dict[str, Any]:
     return {**result.to_dict(), "eval_seconds_median3": seconds}
 
@@ -194,7 +200,7 @@ def run_experiment(
     if init is not None:
         load_optimizer(init, optimizer)
         if before is None:
-            before = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+            before = _measure(model, test_images, spec)
     printout_before = str(model)
     size_before = model_size(model)
 
@@ -211,7 +217,7 @@ def run_experiment(
         train = fit(model, train_images, epochs=spec.epochs, batch_size=spec.batch_size, optimizer=optimizer,
                     seed=spec.seed + (1000 if init is not None else 0), progress=progress,
                     description=spec.name)
-    after = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+    after = _measure(model, test_images, spec)
     if spec.method is not None:
         from .quantize import calibration_config
 
@@ -254,7 +260,7 @@ def reevaluate(spec: RunSpec, record: dict[str, Any], test_images: torch.Tensor,
     model = load_model(out_dir).to(device)
     test_images = test_images.to(device)
     record = {**record, "spec": {**record["spec"], **{k: getattr(spec, k) for k in EVAL_FIELDS}}}
-    record["after"] = _metrics(evaluate(model, test_images, iwae_k=spec.iwae_k, seed=0), time_eval(model, test_images))
+    record["after"] = _measure(model, test_images, spec)
     if before is not None:
         record["before"] = before
     write_json(out_dir / RECORD, record)
