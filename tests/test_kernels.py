@@ -171,6 +171,79 @@ def test_quantized_training_is_the_same_with_and_without_kernels(k):
             torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
 
 
+# -- backward passes that write the input gradient into the incoming one -------------------------
+
+# (name, quantizer of x, x's scale): DoReFa's tanh LSQ (gradient always written), LSQ with clipped
+# elements (masked), the clipped straight-through estimator of activations
+IN_PLACE_CASES = {
+    "dorefa": (lambda k, x, s: k.lsq(x, s, -127, 127, 0.01, True), 0.3),
+    "lsq clipped": (lambda k, x, s: k.lsq(x, s, -8, 7, 0.01, False), 2.0),
+    "clipped": (lambda k, x, s: k.clipped(x, 0.05, -8.0, 7.0), 1.0),
+}
+
+
+def _in_place_inputs(case: str):
+    gen = _gen(len(case))
+    _, mag = IN_PLACE_CASES[case]
+    x = torch.randn(40, 300, generator=gen) * mag  # (12000 elements: 1 task, and 2 below)
+    return x, torch.tensor(0.05), torch.randn(7, 300, generator=gen), torch.randn(40, 300, generator=gen)
+
+
+def _quantizer_grads(k, case, x, s, upstream):
+    """x's and the step's gradients with ``upstream(y)`` the loss of the quantized ``y``."""
+    fn, _ = IN_PLACE_CASES[case]
+    x, s = x.clone().requires_grad_(), s.clone().requires_grad_()
+    upstream(fn(k, x, s)).backward()
+    return x.grad, s.grad
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("downstream", ["mul", "linear"])
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+def test_an_unshared_incoming_gradient_takes_the_input_gradient(k, case, downstream, threads):
+    """Where nothing else holds the incoming gradient (a Linear weight's arrives as a view of a
+    fresh product: also taken) the input gradient is written into it instead of a new tensor;
+    the values are those of the allocating path, bit for bit."""
+    torch.set_num_threads(threads)
+    x, s, a, c = _in_place_inputs(case)
+    if downstream == "mul":
+        upstream = lambda y: (y * c).sum()  # noqa: E731
+    else:  # y as a Linear layer's weight [out=40, in=300]
+        upstream = lambda y: torch.nn.functional.linear(a, y).square().sum()  # noqa: E731
+    before = k.reused_grads()
+    got = _quantizer_grads(k, case, x, s, upstream)
+    assert k.reused_grads() == before + 1
+    # the same incoming gradient, held by the caller: the allocating path
+    fn, _ = IN_PLACE_CASES[case]
+    y = fn(k, x, s).detach().requires_grad_()
+    g_in = torch.autograd.grad(upstream(y), y)[0]
+    xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+    fn(k, xr, sr).backward(g_in)
+    assert k.reused_grads() == before + 1
+    assert torch.equal(got[0], xr.grad)
+    assert (got[1] is None and sr.grad is None) or torch.equal(got[1], sr.grad)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("case", list(IN_PLACE_CASES))
+def test_a_shared_or_kept_incoming_gradient_is_not_overwritten(k, case, keep):
+    """Two quantizers summed receive the same gradient tensor (PyTorch's add passes it to both);
+    a retained gradient keeps it too: each input gradient is its own and the kept one unchanged."""
+    fn, _ = IN_PLACE_CASES[case]
+    x1, s, _, c = _in_place_inputs(case)
+    x2 = x1.flip(0) * 0.7
+    want1 = _quantizer_grads(k, case, x1, s, lambda y: (y * c).sum())[0]
+    want2 = _quantizer_grads(k, case, x2, s, lambda y: (y * c).sum())[0]
+    a, b = x1.clone().requires_grad_(), x2.clone().requires_grad_()
+    ya, yb = fn(k, a, s), fn(k, b, s)
+    both = ya + yb
+    if keep:
+        both.retain_grad()
+    (both * c).sum().backward()
+    assert not keep or torch.equal(both.grad, c)
+    assert torch.equal(a.grad, want1) and torch.equal(b.grad, want2)
+
+
 # -- LSQ input fused with its Linear layer (a model's first layer) -----------------------------
 
 

@@ -19,6 +19,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <atomic>
 #include <functional>
 #include <vector>
 
@@ -127,6 +128,29 @@ void tanh_mask_span(const float* __restrict__ t, const float* __restrict__ gr, f
   for (int64_t i = 0; i < n; ++i) gx[i] = inside(t[i], g) ? gr[i] * (1.0f - t[i] * t[i]) : 0.0f;
 }
 
+// the same two, on the incoming gradient in place
+void mask_span_inplace(const float* __restrict__ x, float* __restrict__ gr, int64_t n, const Grid g) {
+  for (int64_t i = 0; i < n; ++i) gr[i] = inside(x[i], g) ? gr[i] : 0.0f;
+}
+
+void tanh_mask_span_inplace(const float* __restrict__ t, float* __restrict__ gr, int64_t n, const Grid g) {
+  for (int64_t i = 0; i < n; ++i) gr[i] = inside(t[i], g) ? gr[i] * (1.0f - t[i] * t[i]) : 0.0f;
+}
+
+// the mask of the gradient, gx = mask(gr), where gx == gr is allowed (then in place)
+inline void mask_into(bool tanh_first, const float* v, const float* gr, float* gx, int64_t n, const Grid& g) {
+  if (gx == gr) {
+    if (tanh_first)
+      tanh_mask_span_inplace(v, gx, n, g);
+    else
+      mask_span_inplace(v, gx, n, g);
+  } else if (tanh_first) {
+    tanh_mask_span(v, gr, gx, n, g);
+  } else {
+    mask_span(v, gr, gx, n, g);
+  }
+}
+
 // over a span: the sum of g * dx_hat/ds * s (g (x_hat - x) inside the range, g x_hat outside)
 // and the number of elements outside the range
 struct StepSum {
@@ -163,15 +187,15 @@ StepSum step_grad_span(const float* __restrict__ x, const float* __restrict__ gr
   return r;
 }
 
-// step_grad_span over a whole tensor in parallel chunks; before each chunk's sum, also_do(b, e)
-// (a pass over the same chunk while it is in cache)
+// step_grad_span over a whole tensor in parallel chunks; after each chunk's sum, also_do(b, e)
+// (a pass over the same chunk while it is in cache; it may overwrite the chunk of gr)
 template <typename F>
 StepSum step_sum(const float* x, const float* gr, int64_t n, const Grid& g, const F& also_do) {
   return at::parallel_reduce(
       0, n, kGrain, StepSum{0.0, 0},
       [&](int64_t b, int64_t e, StepSum acc) {
-        also_do(b, e);
         const StepSum part = step_grad_span(x + b, gr + b, e - b, g);
+        also_do(b, e);
         return StepSum{acc.sum + part.sum, acc.outside + part.outside};
       },
       [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
@@ -184,6 +208,33 @@ Tensor as_f32(const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
               "lowbit fused kernels take float32 CPU tensors, got ", t.scalar_type(), " on ", t.device());
   return t.contiguous();
+}
+
+// The incoming gradient grads[i], when this backward pass may write its result into it (as PyTorch's
+// AccumulateGrad steals a gradient): nobody else holds the tensor or its memory (a tensor hook that
+// kept it, or a gradient shared with another node, holds a reference; a view counts its base),
+// float32, contiguous, on the CPU, x's shape.  Else an undefined tensor.  Call it before taking
+// any other reference.
+// (grads is the caller's list by reference: PyTorch's CppNode moves the engine's buffer into it.)
+std::atomic<int64_t> g_reused_grads{0};  // gradients written in place (reused_grads(), for the tests)
+
+Tensor writable_grad(tensor_list& grads, size_t i, const Tensor& x) {
+  const Tensor& gr = grads[i];
+  if (!gr.defined() || gr.use_count() != 1) return Tensor();
+  // a view (a Linear weight's gradient arrives as one) whose base only the view itself keeps
+  const bool alone = gr.is_view() ? gr._base().use_count() == 1 && gr.storage().use_count() == 2
+                                  : gr.storage().use_count() == 1;
+  if (alone && gr.device().is_cpu() && gr.scalar_type() == torch::kFloat32 && gr.is_contiguous() && !gr.requires_grad() &&
+      gr.sizes().equals(x.sizes()))
+    return gr;
+  return Tensor();
+}
+
+// the tensor a backward pass writes x's gradient into: own (from writable_grad) where defined
+Tensor grad_output(const Tensor& own, const Tensor& x) {
+  if (!own.defined()) return torch::empty_like(x);
+  g_reused_grads.fetch_add(1, std::memory_order_relaxed);
+  return own;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -201,7 +252,7 @@ struct STEFn : public Function<STEFn> {
   static Tensor forward(AutogradContext*, const Tensor& x, double s, double lo, double hi) {
     return fq_forward(as_f32(x), make_grid(s, lo, hi));
   }
-  static tensor_list backward(AutogradContext*, tensor_list grads) {
+  static tensor_list backward(AutogradContext*, tensor_list& grads) {
     return {grads[0], Tensor(), Tensor(), Tensor()};
   }
 };
@@ -213,14 +264,16 @@ struct ClippedFn : public Function<ClippedFn> {
     ctx->save_for_backward({x});
     return fq_forward(x, make_grid(s, lo, hi));
   }
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+  static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
     Tensor x = ctx->get_saved_variables()[0];
     const Grid g = saved_grid(ctx);
-    Tensor go = grads[0].contiguous();
-    Tensor gx = torch::empty_like(x);
+    const Tensor own = writable_grad(grads, 0, x);
+    Tensor go = own.defined() ? own : grads[0].contiguous();
+    Tensor gx = grad_output(own, x);
     const float *xp = cfptr(x), *gp = cfptr(go);
     float* gxp = fptr(gx);
-    at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { mask_span(xp + b, gp + b, gxp + b, e - b, g); });
+    at::parallel_for(0, x.numel(), kGrain,
+                     [=](int64_t b, int64_t e) { mask_into(false, xp + b, gp + b, gxp + b, e - b, g); });
     return {gx.view(grads[0].sizes()), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -262,29 +315,28 @@ struct LSQFn : public Function<LSQFn> {
     return out;
   }
 
-  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+  static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
     Tensor v = ctx->get_saved_variables()[0];  // x, or tanh(x)
     const Grid g = saved_grid(ctx);
     const bool tanh_first = ctx->saved_data["tanh"].toBool();
     const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
-    Tensor go = grads[0].contiguous();
+    Tensor own = want_x ? writable_grad(grads, 0, v) : Tensor();  // x's gradient may go into it
+    Tensor go = own.defined() ? own : grads[0].contiguous();
     const float *vp = cfptr(v), *gp = cfptr(go);
     const int64_t n = v.numel();
     Tensor gx;
     float* gxp = nullptr;
     auto alloc_gx = [&]() {
-      gx = torch::empty_like(v);
+      gx = grad_output(own, v);
       gxp = fptr(gx);
     };
     auto mask = [&gxp, vp, gp, g, tanh_first](int64_t b, int64_t e) {
-      if (tanh_first)
-        tanh_mask_span(vp + b, gp + b, gxp + b, e - b, g);
-      else
-        mask_span(vp + b, gp + b, gxp + b, e - b, g);
+      mask_into(tanh_first, vp + b, gp + b, gxp + b, e - b, g);
     };
     // One read pass for the step's sum and the count of clipped elements.  LSQ on x: when nothing
     // is clipped (the usual case for weights) the input gradient is the incoming one, unwritten.
-    // On tanh(x) the input gradient has a factor 1 - t^2 everywhere: written in the same pass.
+    // On tanh(x) the input gradient has a factor 1 - t^2 everywhere: written in the same pass
+    // (each chunk after its sum: in place into the incoming gradient where that is ours to write).
     if (want_x && tanh_first) alloc_gx();
     StepSum total{0.0, 0};
     if (want_s) {
@@ -546,13 +598,11 @@ struct LSQLinearFn : public Function<LSQLinearFn> {
       const StepSum total = step_sum(xp, gp, n, g, [](int64_t, int64_t) {});
       sum = total.sum;
       if (want_x) {
-        if (total.outside == 0) {
-          gx = gxh;
-        } else {
-          gx = torch::empty_like(x);
-          float* gxp = fptr(gx);
-          at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { mask_span(xp + b, gp + b, gxp + b, e - b, g); });
+        if (total.outside > 0) {  // (gxh is this pass's own: masked in place)
+          float* gxp = fptr(gxh);
+          at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { mask_span_inplace(xp + b, gxp + b, e - b, g); });
         }
+        gx = gxh;
       }
     }
     if (want_s) {
@@ -695,6 +745,8 @@ Tensor tanh_forward(const Tensor& x_in) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("reused_grads", []() { return g_reused_grads.load(); },
+        "how many backward passes have written their input gradient into the incoming one");
   m.doc() = "lowbit's fused CPU fake-quantization kernels (float32, per-tensor)";
   m.def("ste", &ste, "fake-quantize, straight-through gradient", py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"));
   m.def("clipped", &clipped, "fake-quantize, clipped straight-through gradient", py::arg("x"), py::arg("s"),
