@@ -278,3 +278,24 @@ def test_range_tracking_goes_on_when_the_cpu_fast_path_takes_over(tracking_metho
     expected = f32(10.0 + 0.01 * (1.0 - 10.0)) if tracking_method == "qat" else 10.0
     assert lowbit.calibration_config(m)["0"]["tracked_max_input"] == pytest.approx(expected, rel=1e-6)
     assert lowbit.calibration_config(m)["0"]["tracked_min_input"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq", "dorefa"])
+def test_a_torch_func_transform_gets_a_clear_error(method):
+    """Inside torch.func.grad / vmap a quantized layer raises lowbit's TransformError naming the
+    problem and loss.backward() (PyTorch's own errors there named a data pointer or a C++
+    Function); functional_call without a transform still runs."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4))
+    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    x = torch.randn(16, 8)
+    lowbit.calibrate(m, [x])
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with pytest.raises(lowbit.TransformError, match=r"torch\.func transform.*loss\.backward\(\)"):
+        grad(lambda p: functional_call(m, p, (x,)).sum())(params)
+    m.eval()
+    with pytest.raises(lowbit.TransformError, match="torch.func transform"):
+        vmap(m)(x[:, None])
+    assert torch.equal(functional_call(m, params, (x,)), m(x))

@@ -28,6 +28,10 @@ from .graphs import CaptureError, capture_step  # noqa: E402  (a training step a
 
 __all__ += ["capture_step", "CaptureError"]
 
+from .modules import TransformError  # noqa: E402  (a quantized layer inside a torch.func transform)
+
+__all__ += ["TransformError"]
+
 from . import export  # noqa: E402  (a callable module: lowbit.export(model, path, format="onnx-int8"))
 
 __all__ += ["export"]

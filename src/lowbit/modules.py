@@ -17,7 +17,12 @@ from torch import Tensor, nn
 from .config import LayerSpec
 from .methods.base import Quantizer
 
-__all__ = ["QuantWrapper", "module_names", "replace_module"]
+__all__ = ["QuantWrapper", "TransformError", "module_names", "replace_module"]
+
+
+class TransformError(RuntimeError):
+    """A quantized layer was called inside a ``torch.func`` transform (``grad``, ``vmap``, ``vjp``,
+    ``jacrev``, ...), which lowbit's quantizers do not support."""
 
 
 class QuantWrapper(nn.Module):
@@ -58,6 +63,14 @@ class QuantWrapper(nn.Module):
             setattr(self, name, q)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+            raise TransformError(
+                f"a lowbit-quantized {type(self.module).__name__} was called inside a torch.func transform "
+                "(grad, vmap, vjp, jacrev, ...): not supported — its quantizers update their ranges and "
+                "steps in place during the forward pass and use custom autograd functions without "
+                "functorch rules. Compute gradients with loss.backward() (or torch.autograd.grad); "
+                "torch.func.functional_call without a transform works"
+            )
         m = self.module
         if m._forward_pre_hooks or m._forward_hooks:
             return self._forward_with_layer_hooks(x)
