@@ -21,8 +21,27 @@ def _run(script: str, *args: str, with_stderr: bool = False, env: dict | None = 
 @pytest.mark.slow
 def test_quant_overhead_runs():
     out = _run("quant_overhead.py", "--images", "512", "--reps", "1", "--chunks", "1", "--threads", "1")
-    for row in ("fp32 + fc1 input grad", "lsq W8A8 4 layers", "dorefa W8A8 5 layers", "lsq 4L, fc1 step frozen"):
+    for row in ("fp32 + fc1 input grad", "lsq W8A8 4 layers", "dorefa W8A8 5 layers", "lsq 4L, fc1 step frozen",
+                "95% interval"):
         assert row in out
+
+
+def test_quant_overhead_median_interval():
+    """The bootstrap interval of a median: around it, within the data, a point for one value or a
+    constant sample, narrower with more slices, the same on every call (fixed seed)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from quant_overhead import median_interval
+    finally:
+        sys.path.remove(str(BENCH))
+    assert median_interval([1.2]) == (1.2, 1.2)
+    assert median_interval([1.1] * 7) == (1.1, 1.1)
+    few = [1.0, 1.3, 1.1, 1.4, 1.2]
+    lo, hi = median_interval(few)
+    assert 1.0 <= lo <= 1.2 <= hi <= 1.4 and lo < hi
+    lo_many, hi_many = median_interval(few * 20)
+    assert lo <= lo_many <= 1.2 <= hi_many <= hi and hi_many - lo_many < hi - lo
+    assert median_interval(few) == (lo, hi)
 
 
 @pytest.mark.slow
