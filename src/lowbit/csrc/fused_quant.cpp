@@ -210,14 +210,14 @@ Tensor as_f32(const Tensor& t) {
   return t.contiguous();
 }
 
+std::atomic<int64_t> g_reused_grads{0};  // gradients written in place (reused_grads(), for the tests)
+
 // The incoming gradient grads[i], when this backward pass may write its result into it (as PyTorch's
 // AccumulateGrad steals a gradient): nobody else holds the tensor or its memory (a tensor hook that
 // kept it, or a gradient shared with another node, holds a reference; a view counts its base),
 // float32, contiguous, on the CPU, x's shape.  Else an undefined tensor.  Call it before taking
-// any other reference.
-// (grads is the caller's list by reference: PyTorch's CppNode moves the engine's buffer into it.)
-std::atomic<int64_t> g_reused_grads{0};  // gradients written in place (reused_grads(), for the tests)
-
+// any other reference.  (grads is the backward's list taken by reference: PyTorch's CppNode moves
+// the engine's buffer into the list it passes.)
 Tensor writable_grad(tensor_list& grads, size_t i, const Tensor& x) {
   const Tensor& gr = grads[i];
   if (!gr.defined() || gr.use_count() != 1) return Tensor();
@@ -745,9 +745,9 @@ Tensor tanh_forward(const Tensor& x_in) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lowbit's fused CPU fake-quantization kernels (float32, per-tensor)";
   m.def("reused_grads", []() { return g_reused_grads.load(); },
         "how many backward passes have written their input gradient into the incoming one");
-  m.doc() = "lowbit's fused CPU fake-quantization kernels (float32, per-tensor)";
   m.def("ste", &ste, "fake-quantize, straight-through gradient", py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"));
   m.def("clipped", &clipped, "fake-quantize, clipped straight-through gradient", py::arg("x"), py::arg("s"),
         py::arg("lo"), py::arg("hi"));
