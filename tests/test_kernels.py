@@ -185,8 +185,8 @@ IN_PLACE_CASES = {
 def _in_place_inputs(case: str):
     gen = _gen(len(case))
     _, mag = IN_PLACE_CASES[case]
-    x = torch.randn(40, 300, generator=gen) * mag  # (12000 elements: 1 task, and 2 below)
-    return x, torch.tensor(0.05), torch.randn(7, 300, generator=gen), torch.randn(40, 300, generator=gen)
+    x = torch.randn(40, 500, generator=gen) * mag  # (20000 elements: two parallel tasks at 2 threads)
+    return x, torch.tensor(0.05), torch.randn(7, 500, generator=gen), torch.randn(40, 500, generator=gen)
 
 
 def _quantizer_grads(k, case, x, s, upstream):
@@ -208,7 +208,7 @@ def test_an_unshared_incoming_gradient_takes_the_input_gradient(k, case, downstr
     x, s, a, c = _in_place_inputs(case)
     if downstream == "mul":
         upstream = lambda y: (y * c).sum()  # noqa: E731
-    else:  # y as a Linear layer's weight [out=40, in=300]
+    else:  # y as a Linear layer's weight [out=40, in=500]
         upstream = lambda y: torch.nn.functional.linear(a, y).square().sum()  # noqa: E731
     before = k.reused_grads()
     got = _quantizer_grads(k, case, x, s, upstream)
