@@ -314,56 +314,152 @@ def test_lsq_linear_dense_inputs_take_the_dense_product(k):
         assert (a is None and r is None) or torch.equal(a, r)
 
 
-def test_the_wrapper_fuses_only_a_first_layer_lsq_input(k, monkeypatch):
-    """In a quantized VAE only fc1 (fed with data) takes the fused call; a 3-D input works and the
-    model trains the same as with the unfused path (up to the step sums' order)."""
+def _layer_grads(fn, tensors: dict, wanted: set, g: torch.Tensor):
+    """y and the gradients of fn(**tensors) for the named tensors in wanted (None: not asked)."""
+    ts = {n: None if t is None else t.detach().clone().requires_grad_(n in wanted) for n, t in tensors.items()}
+    y = fn(**ts)
+    y.backward(g)
+    return [y.detach()] + [None if t is None else t.grad for t in ts.values()]
+
+
+def _layer_inputs(seed: int, sparse: bool, bias: bool, wide: bool = False):
+    gen = _gen(seed)
+    rows, n, out = (128, 784, 400) if wide else (33, 70, 45)
+    x = _sparse_images(rows, n, seed=seed) if sparse else torch.randn(rows, n, generator=gen) * 0.6 + 0.4
+    w = torch.randn(out, n, generator=gen) * 0.3
+    w[0, :5] = torch.tensor([4.0, -4.0, 3.0, -3.0, 2.5])  # (clipped by the weight's step below)
+    tensors = {"x": x, "w": w, "b": torch.randn(out, generator=gen) * 0.1 if bias else None}
+    return tensors, torch.randn(rows, out, generator=gen)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tanh", [False, True])
+@pytest.mark.parametrize("wanted", ["all", "no x", "steps frozen", "weights frozen"])
+def test_lsq_linear_with_its_weight_quantizer_equals_the_unfused_calls(k, wanted, tanh, bias, threads):
+    """One node for the input's LSQ, the weight's LSQ (or DoReFa's on tanh) and the layer: values
+    and every gradient bit for bit as the quantizers' own calls then F.linear, whichever of them
+    are asked; where x needs no gradient the input step's sum is regrouped (sparse): equal to
+    float32 rounding."""
+    torch.set_num_threads(threads)
+    tensors, g = _layer_inputs(7, sparse=wanted == "no x", bias=bias, wide=threads == 2)
+    n, (wq0, wq1) = tensors["x"].shape[1], qrange(4, True, narrow=tanh)
+    tensors.update(xs=torch.tensor(0.013), ws=torch.tensor(0.09 if tanh else 0.21))
+    gx, gw = 1 / math.sqrt(n * 255), 1 / math.sqrt(tensors["w"].numel() * wq1)
+    asked = {"all": {"x", "w", "b", "xs", "ws"}, "no x": {"w", "b", "xs", "ws"}, "steps frozen": {"x", "w", "b"},
+             "weights frozen": {"x", "xs", "ws"}}[wanted]
+
+    def unfused(x, w, b, xs, ws):
+        return torch.nn.functional.linear(k.lsq(x, xs, 0, 255, gx, False), k.lsq(w, ws, wq0, wq1, gw, tanh), b)
+
+    def fused(x, w, b, xs, ws):
+        return k.lsq_linear(x, xs, w, b, 0, 255, gx, ws, wq0, wq1, gw, tanh)
+
+    ref, got = _layer_grads(unfused, tensors, asked, g), _layer_grads(fused, tensors, asked, g)
+    names = ["y", "x", "w", "b", "xs", "ws"]
+    for name, a, r in zip(names, got, ref):
+        if name == "xs" and wanted == "no x":
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=0.0)
+        else:
+            assert (a is None and r is None) or torch.equal(a, r), name
+    assert got[1] is None or got[1].abs().sum() > 0  # (gradients really flowed)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("weight", ["lsq on tanh", "as given"])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_clipped_linear_equals_the_unfused_calls(k, x_grad, weight, threads):
+    """DoReFa's layer in one node: [0, 1]-clipped input on its fixed grid (clipped STE), the
+    weight's LSQ on tanh (or the weight as given): bit for bit as the unfused calls."""
+    torch.set_num_threads(threads)
+    tensors, g = _layer_inputs(8, sparse=False, bias=True, wide=threads == 2)
+    tensors["x"] = tensors["x"] * 1.5 - 0.2  # (some below 0, some above 1)
+    lsq_w = weight == "lsq on tanh"
+    tensors["ws"] = torch.tensor(0.1) if lsq_w else None
+    s, gw = 1 / 15, 1 / math.sqrt(tensors["w"].numel() * 7)
+    asked = {"w", "b", "ws"} | ({"x"} if x_grad else set())
+
+    def unfused(x, w, b, ws):
+        wh = k.lsq(w, ws, -7, 7, gw, True) if lsq_w else w
+        return torch.nn.functional.linear(clipped_fake_quantize_scalar(x, s, f32(15.0), 0, 15), wh, b)
+
+    def fused(x, w, b, ws):
+        return k.clipped_linear(x, s, 0, 15, w, b, *((ws, -7, 7, gw, True) if lsq_w else ()))
+
+    ref, got = _layer_grads(unfused, tensors, asked, g), _layer_grads(fused, tensors, asked, g)
+    for name, a, r in zip(["y", "x", "w", "b", "ws"], got, ref):
+        assert (a is None and r is None) or torch.equal(a, r), name
+    assert not x_grad or bool((got[1] == 0).any() and (got[1] != 0).any())  # (masked where clipped)
+
+
+@pytest.mark.parametrize("method", ["lsq", "dorefa"])
+def test_the_wrapper_fuses_every_linear_layer(k, method, monkeypatch):
+    """Every Linear layer of an LSQ or DoReFa VAE takes one fused call (input, weight and layer),
+    a 3-D input too, and trains as the unfused calls do: bit for bit where the input needs its
+    gradient, and fc1 (fed with data: its step sum regrouped) to float32 rounding."""
     from lowbit.models.vae import VAE
-    from lowbit.methods.lsq import LSQQuantizer
+    from lowbit.train import vae_batch_loss
 
-    used = []
-    original = LSQQuantizer.linear_input
+    calls = []
+    input_cls, weight_cls = (type(_quantizer(method, t)) for t in ("input", "weight"))
+    original = input_cls.linear_input
 
-    def spy(self, x, w, b):
-        y = original(self, x, w, b)
-        used.append(y is not None)
+    def spy(self, x, w, b, weight_lsq=None):
+        y = original(self, x, w, b, weight_lsq)
+        calls.append((y is not None, weight_lsq is not None))
         return y
 
-    results = []
-    for fuse in (True, False):
+    monkeypatch.setattr(input_cls, "linear_input", spy)
+
+    def train(fuse: bool, x_grad: bool):
         torch.manual_seed(0)
         m = VAE()
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], "lsq", optimizer=opt)
-        monkeypatch.setattr(LSQQuantizer, "linear_input", spy if fuse else lambda self, x, w, b: None)
+        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method,
+                        optimizer=opt)
         gen = _gen(3)
-        for _ in range(3):
-            x = _sparse_images(32, 784, seed=int(torch.randint(0, 1000, (), generator=gen)))
-            logits, mu, logvar = m(x)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum") - 0.5 * torch.sum(
-                1 + logvar - mu.pow(2) - logvar.exp()
-            )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        results.append(m.state_dict())
-        if fuse:
-            # fc1 fused from the first call on (which initialises its step first), fc21/fc22/fc3/fc4 not
-            assert used[:5] == used[5:10] == [True, False, False, False, False]
-            x3 = _sparse_images(6, 784, seed=9).reshape(2, 3, 784)
-            y3 = m.fc1(x3)
-            assert used[-1] is True and y3.shape == (2, 3, 400)
-            with kernels.disabled():
-                assert torch.equal(y3, m.fc1(x3))
-            assert used[-1] is False
-    for name, v in results[0].items():
-        torch.testing.assert_close(v, results[1][name], rtol=1e-4, atol=1e-5, msg=name)
-    # a forward hook on the input quantizer still sees every call: the wrapper does not fuse then
-    monkeypatch.setattr(LSQQuantizer, "linear_input", spy)
+        ctx = contextlib.nullcontext() if fuse else monkeypatch.context()
+        with ctx as mp:
+            if not fuse:
+                mp.setattr(weight_cls, "fused_weight", lambda self, w: None)
+                mp.setattr(input_cls, "linear_input", lambda self, x, w, b, weight_lsq=None: None)
+            for _ in range(3):
+                x = _sparse_images(32, 784, seed=int(torch.randint(0, 1000, (), generator=gen))).requires_grad_(x_grad)
+                loss = vae_batch_loss(m, x)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return m
+
+    fused, unfused = train(True, True), train(False, True)
+    assert calls[:5] == [(True, True)] * 5  # every layer, its weight's quantization in the call
+    for name, v in fused.state_dict().items():
+        assert torch.equal(v, unfused.state_dict()[name]), name
+    fused, unfused = train(True, False), train(False, False)
+    for name, v in fused.state_dict().items():
+        torch.testing.assert_close(v, unfused.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
+    x3 = _sparse_images(6, 784, seed=9).reshape(2, 3, 784)
+    y3 = fused.fc1(x3)
+    assert calls[-1] == (True, True) and y3.shape == (2, 3, 400)
+    with kernels.disabled():
+        assert torch.equal(y3, fused.fc1(x3))
+    assert calls[-1] == (False, False)  # (the weight's own call first: no fused form without kernels)
+    # a forward hook on a quantizer sees every call: the wrapper does not fuse that quantizer
     seen = []
-    m.fc1.input_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
-    n_used = len(used)
-    m.fc1(_sparse_images(4, 784, seed=5))
-    assert seen == [(4, 784)] and len(used) == n_used
+    fused.fc1.weight_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(("w", out.shape)))
+    fused.fc1(_sparse_images(4, 784, seed=5))
+    assert seen == [("w", (400, 784))] and calls[-1] == (True, False)
+    fused.fc1.input_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(("x", out.shape)))
+    n_calls = len(calls)
+    fused.fc1(_sparse_images(4, 784, seed=5))
+    assert seen[1:] == [("w", (400, 784)), ("x", (4, 784))] and len(calls) == n_calls
+
+
+def _quantizer(method: str, quant_type: str):
+    """A layer's quantizer of a method, as lowbit.quantize builds it (for its class)."""
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method)
+    return m[0].quantizers()[quant_type]
 
 
 # -- the loader --------------------------------------------------------------------------------

@@ -434,7 +434,7 @@ def on_host(t: Tensor) -> bool:
     """Whether ``t`` takes the host paths: a per-tensor grid as Python numbers (read from the step or
     range tensors with ``.item()``) and lowbit's fused CPU kernels.  True for CPU tensors, unless
     inside :func:`tensor_path`; other devices always take the tensor path (no host reads)."""
-    return _HOST[0] and t.device.type == "cpu"
+    return _HOST[0] and t.is_cpu
 
 
 @contextmanager

@@ -78,17 +78,23 @@ class QuantWrapper(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         m = self.module
-        w = m.weight if self.weight_quantizer is None else self.weight_quantizer(m.weight)
-        iq = self.input_quantizer
+        wq, iq = self.weight_quantizer, self.input_quantizer
         y = None
-        # a fused input-and-layer call where the quantizer has one (it is not called as a module
-        # then, so not where hooks are registered on it)
-        if iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks):
-            y = iq.linear_input(x, w, m.bias)
+        # one fused call for the input's quantization, the layer and (where its quantizer has a
+        # fused form) the weight's quantization; the quantizers are not called as modules then, so
+        # not where hooks are registered on them
+        fuse = iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks)
+        if fuse and wq is not None and not (wq._forward_hooks or wq._forward_pre_hooks):
+            weight_lsq = wq.fused_weight(m.weight)
+            if weight_lsq is not None:
+                y = iq.linear_input(x, m.weight, m.bias, weight_lsq)
         if y is None:
-            if iq is not None:
-                x = iq(x)
-            y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
+            w = m.weight if wq is None else wq(m.weight)
+            y = iq.linear_input(x, w, m.bias) if fuse else None
+            if y is None:
+                if iq is not None:
+                    x = iq(x)
+                y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         if self.grad_quantizer is not None:

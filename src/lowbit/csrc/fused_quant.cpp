@@ -364,16 +364,7 @@ struct LSQFn : public Function<LSQFn> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// LSQ on a Linear layer's input, fused with the layer: y = x_hat W^T + b.  When the input needs no
-// gradient (a model's first layer, fed with data), the step's gradient
-//     sum_{m,j} d_mj (G W)_mj,   d = x_hat - x inside the range, x_hat outside,  G = dL/dy
-// does not need the dense product G W (as large as the layer's forward GEMM): d is zero wherever
-// x is 0 or on the grid, so only its nonzeros are visited (MNIST: ~19% of the pixels).  The sum
-// is regrouped as sum_m G_m . (sum_j d_mj W[:, j]) over chunks of W's rows; each chunk of W is
-// transposed into a buffer that stays in L2 while every row m visits its nonzeros.  The result is
-// the same sum in another order (float32 partial sums per row and chunk, a double total).  Dense
-// inputs, or an input that needs its gradient, take the dense product as the unfused path does
-// (with its exact values).
+// The sparse step sum of QuantLinearFn (below) for a first layer's LSQ input.
 
 constexpr double kSparseMaxDensity = 0.5;  // above this fraction of nonzero d: the dense product
 constexpr int kChunkVectors = 8;           // 8 floats a vector: chunks of at most 64 rows of W
@@ -550,66 +541,142 @@ double sparse_step_sum(const Residuals& d, const Tensor& go, const Tensor& w) {
       std::plus<double>());
 }
 
-struct LSQLinearFn : public Function<LSQLinearFn> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& scale, const Tensor& weight,
-                        const c10::optional<Tensor>& bias, int64_t qmin, int64_t qmax, double grad_factor) {
+// LSQ's backward pass written into gr, the gradient of x_hat (this pass's own tensor), for v = x
+// (or tanh(x)): x's gradient where want_grad (masked outside the range, times 1 - t^2 on tanh),
+// and the step's sum where want_s.  The same arithmetic as LSQFn's backward.
+double lsq_backward_into(const Tensor& v, Tensor& gr, bool want_grad, bool want_s, bool tanh_first, const Grid& g) {
+  const float* vp = cfptr(v);
+  float* gp = fptr(gr);
+  const int64_t n = v.numel();
+  auto mask = [=](int64_t b, int64_t e) { mask_into(tanh_first, vp + b, gp + b, gp + b, e - b, g); };
+  const bool mask_per_chunk = want_grad && tanh_first;  // (1 - t^2 everywhere: each chunk after its sum)
+  StepSum total{0.0, 0};
+  if (want_s) total = step_sum(vp, gp, n, g, [&](int64_t b, int64_t e) {
+      if (mask_per_chunk) mask(b, e);
+    });
+  // LSQ on x with nothing clipped (the usual case for weights): the gradient passes unchanged
+  if (want_grad && !(want_s && (tanh_first || total.outside == 0))) at::parallel_for(0, n, kGrain, mask);
+  return total.sum;
+}
+
+// A Linear layer on fake-quantized operands in one autograd node: y = x_hat W_hat^T + b.
+// Input: LSQ (a learned per-tensor step: x_scale given, codes [x_lo, x_hi]) or a fixed grid
+// (step x_s, codes [x_lo, x_hi], the clipped straight-through gradient: DoReFa's activations).
+// Weight: LSQ (w_scale given; on tanh(W) with w_tanh: DoReFa's learned variant) or used as it is.
+// Values and gradients are those of the quantizers' own functions followed by F.linear (the
+// same kernels, the same products: G^T x_hat for W_hat, G W_hat for x_hat), bit for bit, except
+// the input step's gradient when the input needs no gradient (a model's first layer, fed with
+// data): the step's sum
+//     sum_{m,j} d_mj (G W_hat)_mj,   d = x_hat - x inside the range, x_hat outside,  G = dL/dy
+// then does not need the dense product G W_hat (as large as the layer's forward GEMM): d is zero
+// wherever x is 0 or on the grid, so only its nonzeros are visited (MNIST: ~19% of the pixels).
+// The sum is regrouped as sum_m G_m . (sum_j d_mj W_hat[:, j]) over chunks of W_hat's rows; each
+// chunk is transposed into a buffer that stays in L2 while every row m visits its nonzeros: the
+// same sum in another order (float32 partial sums per row and chunk, a double total).  Dense
+// inputs take the dense product.
+struct QuantLinearFn : public Function<QuantLinearFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
+                        const c10::optional<Tensor>& bias, const c10::optional<Tensor>& x_scale, double x_s, double x_lo,
+                        double x_hi, double x_gf, const c10::optional<Tensor>& w_scale, int64_t w_qmin, int64_t w_qmax,
+                        double w_gf, bool w_tanh) {
     Tensor x = as_f32(x_in);
-    TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && weight.size(1) == x.size(1),
-                "lsq_linear takes x [rows, in] and weight [out, in]");
+    TORCH_CHECK(x.dim() == 2 && weight_in.dim() == 2 && weight_in.size(1) == x.size(1),
+                "quantized linear takes x [rows, in] and weight [out, in]");
+    const bool learn_x = x_scale.has_value() && x_scale->defined();
     double sign = 1.0;
-    const Grid g = lsq_grid(scale, qmin, qmax, &sign);
-    Tensor xh = torch::empty_like(x);
-    const float* xp = cfptr(x);
-    float* qp = fptr(xh);
-    at::parallel_for(0, x.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(xp + b, qp + b, e - b, g); });
-    save_grid(ctx, static_cast<double>(g.s), static_cast<double>(qmin), static_cast<double>(qmax));
-    ctx->saved_data["factor"] = grad_factor * sign / static_cast<double>(g.s);
-    ctx->saved_data["s_shape"] = scale.sizes().vec();
+    const Grid g = learn_x ? lsq_grid(*x_scale, static_cast<int64_t>(x_lo), static_cast<int64_t>(x_hi), &sign)
+                           : make_grid(x_s, x_lo, x_hi);
+    Tensor xh = fq_forward(x, g);
+    save_grid(ctx, static_cast<double>(g.s), x_lo, x_hi);
+    ctx->saved_data["learn_x"] = learn_x;
+    if (learn_x) {
+      ctx->saved_data["factor"] = x_gf * sign / static_cast<double>(g.s);
+      ctx->saved_data["s_shape"] = x_scale->sizes().vec();
+    }
+    const bool quant_w = w_scale.has_value() && w_scale->defined();
+    Tensor wh = weight_in, wv;  // wv: W, or tanh(W), what the weight's backward pass reads
+    if (quant_w) {
+      Tensor w = as_f32(weight_in);
+      double w_sign = 1.0;
+      const Grid gw = lsq_grid(*w_scale, w_qmin, w_qmax, &w_sign);
+      wh = torch::empty_like(w);
+      const float* wp = cfptr(w);
+      float* op = fptr(wh);
+      wv = w;
+      if (w_tanh) {
+        wv = torch::empty_like(w);
+        float* tp = fptr(wv);
+        at::parallel_for(0, w.numel(), kGrain,
+                         [=](int64_t b, int64_t e) { tanh_quantize_span(wp + b, tp + b, op + b, e - b, gw); });
+      } else {
+        at::parallel_for(0, w.numel(), kGrain, [=](int64_t b, int64_t e) { quantize_span(wp + b, op + b, e - b, gw); });
+      }
+      ctx->saved_data["w_s"] = static_cast<double>(gw.s);
+      ctx->saved_data["w_lo"] = static_cast<double>(w_qmin);
+      ctx->saved_data["w_hi"] = static_cast<double>(w_qmax);
+      ctx->saved_data["w_factor"] = w_gf * w_sign / static_cast<double>(gw.s);
+      ctx->saved_data["w_tanh"] = w_tanh;
+      ctx->saved_data["w_s_shape"] = w_scale->sizes().vec();
+    }
+    ctx->saved_data["quant_w"] = quant_w;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->save_for_backward({x, xh, weight});
-    return torch::linear(xh, weight, bias);  // what F.linear computes, unfused
+    ctx->save_for_backward({x, xh, wh, wv});
+    return torch::linear(xh, wh, bias);  // what F.linear computes, unfused
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &xh = saved[1], &weight = saved[2];
+    const Tensor &x = saved[0], &xh = saved[1], &wh = saved[2];
     const Grid g = saved_grid(ctx);
-    const bool want_x = ctx->needs_input_grad(0), want_s = ctx->needs_input_grad(1);
+    const bool learn_x = ctx->saved_data["learn_x"].toBool(), quant_w = ctx->saved_data["quant_w"].toBool();
+    // (needs_input_grad counts the tensor arguments that are given: x, weight, [bias], [x_scale], [w_scale])
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const size_t s_edge = 2 + has_bias, ws_edge = s_edge + learn_x;
+    const bool want_x = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
+    const bool want_b = has_bias && ctx->needs_input_grad(2);
+    const bool want_s = learn_x && ctx->needs_input_grad(s_edge), want_ws = quant_w && ctx->needs_input_grad(ws_edge);
     Tensor go = grads[0].contiguous();
-    Tensor gw, gb, gx, gs;
-    if (ctx->needs_input_grad(2)) gw = at::mm(go.t(), xh);  // as linear's autograd computes it (G^T x_hat)
-    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(3)) gb = go.sum(0);
-    if (!want_x && !want_s) return {gx, gs, gw, gb, Tensor(), Tensor(), Tensor()};
-    const int64_t n = x.numel();
-    const float* xp = cfptr(x);
-    double sum = 0.0;
-    Residuals d;
-    bool sparse = false;
-    if (!want_x) {
-      d = step_residuals(xp, cfptr(xh), x.size(0), x.size(1), g);
-      sparse = static_cast<double>(d.nnz) <= kSparseMaxDensity * static_cast<double>(n);
-    }
-    if (sparse) {
-      Tensor w = weight.contiguous();
-      sum = sparse_step_sum(d, go, w);
-    } else {  // the unfused path: dL/dx_hat = G W, then LSQ's backward on it
-      Tensor gxh = at::mm(go, weight);
-      const float* gp = cfptr(gxh);
-      const StepSum total = step_sum(xp, gp, n, g, [](int64_t, int64_t) {});
-      sum = total.sum;
-      if (want_x) {
-        if (total.outside > 0) {  // (gxh is this pass's own: masked in place)
-          float* gxp = fptr(gxh);
-          at::parallel_for(0, n, kGrain, [=](int64_t b, int64_t e) { mask_span_inplace(xp + b, gxp + b, e - b, g); });
-        }
-        gx = gxh;
+    Tensor gx, gw, gb, gs, gws;
+    if (want_w || want_ws) {
+      gw = at::mm(go.t(), xh);  // as linear's autograd computes it (G^T x_hat)
+      if (quant_w) {
+        const Grid gwg = make_grid(ctx->saved_data["w_s"].toDouble(), ctx->saved_data["w_lo"].toDouble(),
+                                   ctx->saved_data["w_hi"].toDouble());
+        const double sum = lsq_backward_into(saved[3], gw, want_w, want_ws, ctx->saved_data["w_tanh"].toBool(), gwg);
+        if (want_ws)
+          gws = torch::full(ctx->saved_data["w_s_shape"].toIntVector(),
+                            static_cast<float>(sum) * ctx->saved_data["w_factor"].toDouble(), torch::kFloat32);
+        if (!want_w) gw = Tensor();
       }
     }
-    if (want_s) {
-      const double factor = ctx->saved_data["factor"].toDouble();
-      gs = torch::full(ctx->saved_data["s_shape"].toIntVector(), static_cast<float>(sum) * factor, torch::kFloat32);
+    if (want_b) gb = go.sum(0);
+    if (want_x || want_s) {
+      double sum = 0.0;
+      Residuals d;
+      bool sparse = false;
+      if (!want_x) {
+        d = step_residuals(cfptr(x), cfptr(xh), x.size(0), x.size(1), g);
+        sparse = static_cast<double>(d.nnz) <= kSparseMaxDensity * static_cast<double>(x.numel());
+      }
+      if (sparse) {
+        sum = sparse_step_sum(d, go, wh.contiguous());
+      } else {  // the unfused path: dL/dx_hat = G W_hat, then the quantizer's backward on it
+        gx = at::mm(go, wh);
+        if (learn_x) {
+          sum = lsq_backward_into(x, gx, want_x, want_s, false, g);
+        } else {
+          const float* xp = cfptr(x);
+          float* gp = fptr(gx);
+          at::parallel_for(0, x.numel(), kGrain,
+                           [=](int64_t b, int64_t e) { mask_span_inplace(xp + b, gp + b, e - b, g); });
+        }
+        if (!want_x) gx = Tensor();
+      }
+      if (want_s)
+        gs = torch::full(ctx->saved_data["s_shape"].toIntVector(),
+                         static_cast<float>(sum) * ctx->saved_data["factor"].toDouble(), torch::kFloat32);
     }
-    return {gx, gs, gw, gb, Tensor(), Tensor(), Tensor()};
+    return {gx, gw, gb, gs, Tensor(), Tensor(), Tensor(), Tensor(), gws, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -730,8 +797,16 @@ Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, dou
   return LSQFn::apply(x, scale, qmin, qmax, grad_factor, tanh_first);
 }
 Tensor lsq_linear(const Tensor& x, const Tensor& scale, const Tensor& weight, const c10::optional<Tensor>& bias,
-                  int64_t qmin, int64_t qmax, double grad_factor) {
-  return LSQLinearFn::apply(x, scale, weight, bias, qmin, qmax, grad_factor);
+                  int64_t qmin, int64_t qmax, double grad_factor, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
+                  int64_t w_qmax, double w_grad_factor, bool w_tanh) {
+  return QuantLinearFn::apply(x, weight, bias, scale, 0.0, static_cast<double>(qmin), static_cast<double>(qmax),
+                              grad_factor, w_scale, w_qmin, w_qmax, w_grad_factor, w_tanh);
+}
+Tensor clipped_linear(const Tensor& x, double s, double lo, double hi, const Tensor& weight,
+                      const c10::optional<Tensor>& bias, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
+                      int64_t w_qmax, double w_grad_factor, bool w_tanh) {
+  return QuantLinearFn::apply(x, weight, bias, c10::nullopt, s, lo, hi, 0.0, w_scale, w_qmin, w_qmax, w_grad_factor,
+                              w_tanh);
 }
 Tensor tanh_forward(const Tensor& x_in) {
   Tensor x = as_f32(x_in);
@@ -754,10 +829,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lsq", &lsq, "LSQ fake quantization with a learned per-tensor step", py::arg("x"), py::arg("scale"),
         py::arg("qmin"), py::arg("qmax"), py::arg("grad_factor"), py::arg("tanh_first") = false);
   m.def("lsq_linear", &lsq_linear,
-        "linear(x_hat, weight, bias) with x_hat the LSQ fake quantization of x [rows, in] (per-tensor step); "
+        "linear(x_hat, w_hat, bias) in one autograd node, x_hat the LSQ fake quantization of x [rows, in] "
+        "(per-tensor step), w_hat the weight's LSQ fake quantization when w_scale is given (else the weight); "
         "the step's gradient skips the dense dL/dx_hat when x needs no gradient",
         py::arg("x"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("qmin"), py::arg("qmax"),
-        py::arg("grad_factor"));
+        py::arg("grad_factor"), py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0,
+        py::arg("w_grad_factor") = 0.0, py::arg("w_tanh") = false);
+  m.def("clipped_linear", &clipped_linear,
+        "linear(x_hat, w_hat, bias) in one autograd node, x_hat on the fixed grid (step s, codes [lo, hi]) with "
+        "the clipped straight-through gradient, w_hat as for lsq_linear",
+        py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"), py::arg("weight"), py::arg("bias"),
+        py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0, py::arg("w_grad_factor") = 0.0,
+        py::arg("w_tanh") = false);
   m.def("range_quant", &range_quant,
         "observe min/max, update the tracked range, quantize (QAT/PTQ per-tensor); returns "
         "(x_hat, tmin, tmax, scale, zero_point, inv, clamp)",

@@ -39,6 +39,10 @@ from ..fake_quant import (
     ste_fake_quantize_scalar,
 )
 
+#: a weight quantizer's LSQ arguments for a fused layer call (:meth:`Quantizer.fused_weight`):
+#: ``(scale, qmin, qmax, grad_factor, tanh_first)``
+FusedWeight = tuple[Tensor, int, int, float, bool]
+
 __all__ = [
     "NotCalibratedError",
     "Option",
@@ -120,10 +124,20 @@ class Quantizer(nn.Module):
     def grid(self) -> AffineGrid:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def linear_input(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        """For an input quantizer: ``F.linear(self(x), weight, bias)`` as one fused call, or ``None``
-        where this quantizer has none for these tensors (the default); the wrapper then quantizes
-        ``x`` and calls ``F.linear`` itself."""
+    def linear_input(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+    ) -> Tensor | None:
+        """For an input quantizer: ``F.linear(self(x), w, bias)`` as one fused call (one autograd
+        node, :mod:`lowbit.kernels`), ``w`` being ``weight`` or, with ``weight_lsq`` (from the weight
+        quantizer's :meth:`fused_weight`), its fake quantization; or ``None`` where this quantizer
+        has no fused call for these tensors (the default): the wrapper then quantizes ``x`` and
+        calls ``F.linear`` itself."""
+        return None
+
+    def fused_weight(self, weight: Tensor) -> FusedWeight | None:
+        """For a weight quantizer whose fake quantization of ``weight`` is the kernels' LSQ (a learned
+        per-tensor step, on ``weight`` or on ``tanh(weight)``): its arguments, so that it can join
+        the layer's fused call (:meth:`linear_input`); ``None`` otherwise (the default)."""
         return None
 
     def replay_problem(self, steps_ahead: int = 0) -> str | None:

@@ -59,7 +59,8 @@ from ..fake_quant import (
     qrange,
     quantize_gradient,
 )
-from .base import WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, is_int, one_of, register_method
+from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, one_of,
+                   register_method)
 
 __all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "GradientQuantizer", "dorefa_weight_codes"]
 
@@ -202,6 +203,11 @@ class DoReFaWeightQuantizer(Quantizer):
         self._store(scale)
         return out
 
+    def fused_weight(self, weight: Tensor) -> FusedWeight | None:
+        if self.learned and fusable(weight) and fusable(self.scale):
+            return self.scale, self.qmin, self.qmax, self._grad_factor, True
+        return None
+
     def quantize_int(self, w: Tensor) -> Tensor:
         with torch.no_grad():
             if self.learned:
@@ -247,6 +253,27 @@ class DoReFaActivationQuantizer(Quantizer):
         if on_host(x):
             return clipped_fake_quantize_scalar(x, self._s, self._inv, self.qmin, self.qmax)
         return clipped_fake_quantize(x, self.scale, None, self.qmin, self.qmax)
+
+    def linear_input(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+    ) -> Tensor | None:
+        """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
+        :meth:`Quantizer.linear_input`) for float32 CPU tensors: the same values and gradients."""
+        if (
+            torch.is_autocast_enabled("cpu")
+            or x.dim() < 2
+            or x.shape[-1] != weight.shape[-1]  # (F.linear's own error message then)
+            or not (fusable(x) and fusable(weight))
+        ):
+            return None
+        k = kernels.get()
+        if k is None:
+            return None
+        w_args = () if weight_lsq is None else weight_lsq
+        if x.dim() == 2:
+            return k.clipped_linear(x, self._s, self.qmin, self.qmax, weight, bias, *w_args)
+        y = k.clipped_linear(x.reshape(-1, x.shape[-1]), self._s, self.qmin, self.qmax, weight, bias, *w_args)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def grid(self) -> AffineGrid:
         return AffineGrid(self.scale.clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)

@@ -37,8 +37,8 @@ from torch import Tensor, nn
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
-from .base import (WEIGHT_RANGE, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward, is_bool,
-                   one_of, register_method)
+from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward,
+                   is_bool, one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -185,34 +185,50 @@ class LSQQuantizer(Quantizer):
         n = math.prod(x.shape[1:]) if x.dim() > self.sample_rank else x.numel()
         return 1.0 / math.sqrt(max(n, 1) * self._qp)
 
-    def linear_input(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-        """``F.linear(self(x), weight, bias)`` in one fused call where it pays: a per-tensor input
-        step, float32 on the CPU, and an ``x`` that needs no gradient (a model's first layer).
-        The step's gradient then visits only the nonzero ``x_hat - x`` instead of forming the
-        dense ``dL/dx_hat`` (a GEMM as large as the layer's forward; on MNIST ~80% of it is
-        multiplied by zero pixels) — :mod:`lowbit.kernels`.  Same values forward; the step's
-        gradient is the same sum in another order."""
+    def fused_weight(self, weight: Tensor) -> FusedWeight | None:
+        scale = self.scale
+        if (
+            not self.is_weight
+            or not self._initialized
+            or self.axis is not None
+            or not (fusable(weight) and fusable(scale))
+        ):
+            return None
+        return scale, self.qmin, self.qmax, self._weight_gf, False
+
+    def linear_input(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+    ) -> Tensor | None:
+        """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
+        :meth:`Quantizer.linear_input`) where it applies: a per-tensor input step, float32 on the
+        CPU.  Same values and gradients as the unfused calls, and where ``x`` needs no gradient (a
+        model's first layer) the step's gradient visits only the nonzero ``x_hat - x`` instead of
+        forming the dense ``dL/dx_hat`` (a GEMM as large as the layer's forward; on MNIST ~80% of it
+        is multiplied by zero pixels) — :mod:`lowbit.kernels`: the same sum in another order."""
         if not self._initialized and self.training and not self.is_weight and x.numel() and not in_backward():
             # initialise here, not in forward: a recomputed forward (activation checkpointing) then
             # takes the same (fused) path as the first one did
             self._init_from(x.detach())
+        scale = self.scale
         if (
             self.is_weight
             or not self._initialized
             or torch.is_autocast_enabled("cpu")  # (its bfloat16 output's gradient meets float32 saves)
             or self.axis is not None
             or self.zero_point is not None
-            or x.requires_grad
             or x.dim() < 2
             or x.shape[-1] != weight.shape[-1]  # (F.linear's own error message then)
-            or not (torch.is_grad_enabled() and self.scale.requires_grad)
-            or not (fusable(x) and fusable(weight) and fusable(self.scale))
+            or not (fusable(x) and fusable(weight) and fusable(scale))
         ):
             return None
         k = kernels.get()
         if k is None:
             return None
-        y = k.lsq_linear(x.reshape(-1, x.shape[-1]), self.scale, weight, bias, self.qmin, self.qmax, self._grad_factor(x))
+        gf = self._grad_factor(x)
+        w_args = () if weight_lsq is None else weight_lsq
+        if x.dim() == 2:
+            return k.lsq_linear(x, scale, weight, bias, self.qmin, self.qmax, gf, *w_args)
+        y = k.lsq_linear(x.reshape(-1, x.shape[-1]), scale, weight, bias, self.qmin, self.qmax, gf, *w_args)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def grid(self) -> AffineGrid:
