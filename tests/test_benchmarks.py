@@ -82,3 +82,14 @@ def test_lsq_cost_split_runs():
     assert "ms over fp32" in out
     tiny = _run("lsq_cost_split.py", "--rounds", "2", "--steps", "1", "--tiny")
     assert "layers 8 wide" in tiny and "lsq, every step frozen" in tiny
+
+
+@pytest.mark.slow
+def test_ab_versions_runs():
+    """Two copies of lowbit side by side (here this checkout against itself)."""
+    out = _run("ab_versions.py", str(BENCH.parent), "--rounds", "2", "--steps", "1", "--tiny", "--methods", "lsq")
+    for row in ("fp32", "lsq new", "lsq old", "95% interval"):
+        assert row in out
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        _run("ab_versions.py", str(BENCH), "--rounds", "1")
+    assert "not a lowbit checkout" in err.value.stderr
