@@ -366,25 +366,30 @@ def test_lsq_linear_with_its_weight_quantizer_equals_the_unfused_calls(k, wanted
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("weight", ["lsq on tanh", "as given"])
+@pytest.mark.parametrize("weight", ["lsq on tanh", "fixed grid", "as given"])
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_clipped_linear_equals_the_unfused_calls(k, x_grad, weight, threads):
-    """DoReFa's layer in one node: [0, 1]-clipped input on its fixed grid (clipped STE), the
-    weight's LSQ on tanh (or the weight as given): bit for bit as the unfused calls."""
+    """DoReFa's, QAT's and PTQ's layer in one node: the input on a fixed grid (clipped STE: DoReFa's
+    [0, 1], an observed range), the weight's LSQ on tanh (DoReFa), on a fixed grid with the plain
+    STE (an affine one, as QAT's current range gives) or as given: bit for bit as the unfused calls."""
     torch.set_num_threads(threads)
     tensors, g = _layer_inputs(8, sparse=False, bias=True, wide=threads == 2)
     tensors["x"] = tensors["x"] * 1.5 - 0.2  # (some below 0, some above 1)
     lsq_w = weight == "lsq on tanh"
     tensors["ws"] = torch.tensor(0.1) if lsq_w else None
     s, gw = 1 / 15, 1 / math.sqrt(tensors["w"].numel() * 7)
+    w_s, w_lo, w_hi = 0.02, -120, 135  # (codes relative to a zero point of -7; the 4.0 weight clips)
     asked = {"w", "b", "ws"} | ({"x"} if x_grad else set())
 
     def unfused(x, w, b, ws):
-        wh = k.lsq(w, ws, -7, 7, gw, True) if lsq_w else w
+        wh = {"lsq on tanh": lambda: k.lsq(w, ws, -7, 7, gw, True), "fixed grid": lambda: k.ste(w, w_s, w_lo, w_hi),
+              "as given": lambda: w}[weight]()
         return torch.nn.functional.linear(clipped_fake_quantize_scalar(x, s, f32(15.0), 0, 15), wh, b)
 
     def fused(x, w, b, ws):
-        return k.clipped_linear(x, s, 0, 15, w, b, *((ws, -7, 7, gw, True) if lsq_w else ()))
+        w_args = {"lsq on tanh": (ws, -7, 7, gw, True), "fixed grid": (None, w_lo, w_hi, 0.0, False, w_s),
+                  "as given": ()}[weight]
+        return k.clipped_linear(x, s, 0, 15, w, b, *w_args)
 
     ref, got = _layer_grads(unfused, tensors, asked, g), _layer_grads(fused, tensors, asked, g)
     for name, a, r in zip(["y", "x", "w", "b", "ws"], got, ref):
@@ -392,11 +397,13 @@ def test_clipped_linear_equals_the_unfused_calls(k, x_grad, weight, threads):
     assert not x_grad or bool((got[1] == 0).any() and (got[1] != 0).any())  # (masked where clipped)
 
 
-@pytest.mark.parametrize("method", ["lsq", "dorefa"])
-def test_the_wrapper_fuses_every_linear_layer(k, method, monkeypatch):
-    """Every Linear layer of an LSQ or DoReFa VAE takes one fused call (input, weight and layer),
-    a 3-D input too, and trains as the unfused calls do: bit for bit where the input needs its
-    gradient, and fc1 (fed with data: its step sum regrouped) to float32 rounding."""
+@pytest.mark.parametrize("method, options", [("lsq", {}), ("dorefa", {}), ("qat", {}), ("qat", {"quant_start_step": 2}),
+                                             ("ptq", {})])
+def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
+    """Every Linear layer of an LSQ, DoReFa, QAT or PTQ VAE takes one fused call (input, weight and
+    layer), a 3-D input too, and trains as the unfused calls do (the ranges too): bit for bit where
+    the input needs its gradient, and LSQ's fc1 (fed with data: its step sum regrouped) to float32
+    rounding."""
     from lowbit.models.vae import VAE
     from lowbit.train import vae_batch_loss
 
@@ -415,8 +422,8 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, monkeypatch):
         torch.manual_seed(0)
         m = VAE()
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method,
-                        optimizer=opt)
+        lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"], **options}],
+                        method, optimizer=opt)
         gen = _gen(3)
         ctx = contextlib.nullcontext() if fuse else monkeypatch.context()
         with ctx as mp:
@@ -432,12 +439,15 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, monkeypatch):
         return m
 
     fused, unfused = train(True, True), train(False, True)
-    assert calls[:5] == [(True, True)] * 5  # every layer, its weight's quantization in the call
+    # every layer, its weight's quantization in the call (after QAT's float steps: unfused, unquantized)
+    start = options.get("quant_start_step", 0)
+    assert calls[: 5 * (start + 1)] == [(False, False)] * 5 * start + [(True, True)] * 5
     for name, v in fused.state_dict().items():
         assert torch.equal(v, unfused.state_dict()[name]), name
     fused, unfused = train(True, False), train(False, False)
     for name, v in fused.state_dict().items():
         torch.testing.assert_close(v, unfused.state_dict()[name], rtol=1e-4, atol=1e-6, msg=name)
+    fused.eval()  # (ranges then stay put: the two calls below see the same grid)
     x3 = _sparse_images(6, 784, seed=9).reshape(2, 3, 784)
     y3 = fused.fc1(x3)
     assert calls[-1] == (True, True) and y3.shape == (2, 3, 400)

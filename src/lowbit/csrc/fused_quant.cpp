@@ -562,7 +562,8 @@ double lsq_backward_into(const Tensor& v, Tensor& gr, bool want_grad, bool want_
 // A Linear layer on fake-quantized operands in one autograd node: y = x_hat W_hat^T + b.
 // Input: LSQ (a learned per-tensor step: x_scale given, codes [x_lo, x_hi]) or a fixed grid
 // (step x_s, codes [x_lo, x_hi], the clipped straight-through gradient: DoReFa's activations).
-// Weight: LSQ (w_scale given; on tanh(W) with w_tanh: DoReFa's learned variant) or used as it is.
+// Weight: LSQ (w_scale given; on tanh(W) with w_tanh: DoReFa's learned variant), a fixed grid (step
+// w_s > 0, codes [w_qmin, w_qmax], straight-through: QAT's and PTQ's current range) or as it is.
 // Values and gradients are those of the quantizers' own functions followed by F.linear (the
 // same kernels, the same products: G^T x_hat for W_hat, G W_hat for x_hat), bit for bit, except
 // the input step's gradient when the input needs no gradient (a model's first layer, fed with
@@ -578,7 +579,7 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
                         const c10::optional<Tensor>& bias, const c10::optional<Tensor>& x_scale, double x_s, double x_lo,
                         double x_hi, double x_gf, const c10::optional<Tensor>& w_scale, int64_t w_qmin, int64_t w_qmax,
-                        double w_gf, bool w_tanh) {
+                        double w_gf, bool w_tanh, double w_s) {
     Tensor x = as_f32(x_in);
     TORCH_CHECK(x.dim() == 2 && weight_in.dim() == 2 && weight_in.size(1) == x.size(1),
                 "quantized linear takes x [rows, in] and weight [out, in]");
@@ -618,6 +619,8 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
       ctx->saved_data["w_tanh"] = w_tanh;
       ctx->saved_data["w_s_shape"] = w_scale->sizes().vec();
     }
+    if (!quant_w && w_s > 0.0)  // (its backward passes the gradient straight through: nothing saved)
+      wh = fq_forward(as_f32(weight_in), make_grid(w_s, static_cast<double>(w_qmin), static_cast<double>(w_qmax)));
     ctx->saved_data["quant_w"] = quant_w;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->save_for_backward({x, xh, wh, wv});
@@ -676,7 +679,7 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
         gs = torch::full(ctx->saved_data["s_shape"].toIntVector(),
                          static_cast<float>(sum) * ctx->saved_data["factor"].toDouble(), torch::kFloat32);
     }
-    return {gx, gw, gb, gs, Tensor(), Tensor(), Tensor(), Tensor(), gws, Tensor(), Tensor(), Tensor(), Tensor()};
+    return {gx, gw, gb, gs, Tensor(), Tensor(), Tensor(), Tensor(), gws, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -748,10 +751,17 @@ constexpr double kMinScaleF32 = static_cast<double>(kMinScale);
 
 enum Tracking : int64_t { kCurrent = 0, kEma = 1, kMinMaxTracking = 2 };
 
-py::tuple range_quant(const Tensor& x_in, bool has_prev, double prev_lo, double prev_hi, int64_t tracking,
-                      double decay, int64_t qmin, int64_t qmax, bool symmetric) {
-  TORCH_CHECK(x_in.numel() > 0, "cannot observe the range of an empty tensor");
-  Tensor x = as_f32(x_in);
+struct RangeState {  // what range_quant returns to Python besides its output, and the grid's codes
+  double tmin, tmax, scale;
+  int64_t zp;
+  double inv;
+  bool clamp;
+  double lo_c, hi_c;  // the grid's codes relative to the zero point: [qmin - zp, qmax - zp]
+};
+
+RangeState range_observe(const Tensor& x, bool has_prev, double prev_lo, double prev_hi, int64_t tracking,
+                         double decay, int64_t qmin, int64_t qmax, bool symmetric) {
+  TORCH_CHECK(x.numel() > 0, "cannot observe the range of an empty tensor");
   const MinMax m = minmax(x);
   TORCH_CHECK_VALUE(!m.nan, kNanMessage);
   TORCH_CHECK_VALUE(std::isfinite(m.lo) && std::isfinite(m.hi), kInfMessage);
@@ -785,10 +795,24 @@ py::tuple range_quant(const Tensor& x_in, bool has_prev, double prev_lo, double 
             static_cast<int64_t>(std::nearbyint(f32(hi * inv))) + zpc > qmax;
   }
   const double zq = symmetric ? 0.0 : static_cast<double>(zp);
-  const double lo_c = static_cast<double>(qmin) - zq, hi_c = static_cast<double>(qmax) - zq;
+  return RangeState{tmin, tmax, scale, zp, inv, clamp, static_cast<double>(qmin) - zq, static_cast<double>(qmax) - zq};
+}
+
+py::tuple range_quant(const Tensor& x_in, bool has_prev, double prev_lo, double prev_hi, int64_t tracking,
+                      double decay, int64_t qmin, int64_t qmax, bool symmetric) {
+  Tensor x = as_f32(x_in);
+  const RangeState r = range_observe(x, has_prev, prev_lo, prev_hi, tracking, decay, qmin, qmax, symmetric);
   // weights (current range): straight-through; activations: clipped straight-through
-  Tensor out = tracking == kCurrent ? STEFn::apply(x, scale, lo_c, hi_c) : ClippedFn::apply(x, scale, lo_c, hi_c);
-  return py::make_tuple(out, tmin, tmax, scale, zp, inv, clamp);
+  Tensor out = tracking == kCurrent ? STEFn::apply(x, r.scale, r.lo_c, r.hi_c)
+                                    : ClippedFn::apply(x, r.scale, r.lo_c, r.hi_c);
+  return py::make_tuple(out, r.tmin, r.tmax, r.scale, r.zp, r.inv, r.clamp);
+}
+
+// range_quant's observation alone (for a fused layer call, which quantizes on this grid)
+py::tuple range_grid(const Tensor& x_in, bool has_prev, double prev_lo, double prev_hi, int64_t tracking,
+                     double decay, int64_t qmin, int64_t qmax, bool symmetric) {
+  const RangeState r = range_observe(as_f32(x_in), has_prev, prev_lo, prev_hi, tracking, decay, qmin, qmax, symmetric);
+  return py::make_tuple(r.tmin, r.tmax, r.scale, r.zp, r.inv, r.clamp);
 }
 
 Tensor ste(const Tensor& x, double s, double lo, double hi) { return STEFn::apply(x, s, lo, hi); }
@@ -798,15 +822,15 @@ Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, dou
 }
 Tensor lsq_linear(const Tensor& x, const Tensor& scale, const Tensor& weight, const c10::optional<Tensor>& bias,
                   int64_t qmin, int64_t qmax, double grad_factor, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
-                  int64_t w_qmax, double w_grad_factor, bool w_tanh) {
+                  int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s) {
   return QuantLinearFn::apply(x, weight, bias, scale, 0.0, static_cast<double>(qmin), static_cast<double>(qmax),
-                              grad_factor, w_scale, w_qmin, w_qmax, w_grad_factor, w_tanh);
+                              grad_factor, w_scale, w_qmin, w_qmax, w_grad_factor, w_tanh, w_s);
 }
 Tensor clipped_linear(const Tensor& x, double s, double lo, double hi, const Tensor& weight,
                       const c10::optional<Tensor>& bias, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
-                      int64_t w_qmax, double w_grad_factor, bool w_tanh) {
+                      int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s) {
   return QuantLinearFn::apply(x, weight, bias, c10::nullopt, s, lo, hi, 0.0, w_scale, w_qmin, w_qmax, w_grad_factor,
-                              w_tanh);
+                              w_tanh, w_s);
 }
 Tensor tanh_forward(const Tensor& x_in) {
   Tensor x = as_f32(x_in);
@@ -830,20 +854,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qmin"), py::arg("qmax"), py::arg("grad_factor"), py::arg("tanh_first") = false);
   m.def("lsq_linear", &lsq_linear,
         "linear(x_hat, w_hat, bias) in one autograd node, x_hat the LSQ fake quantization of x [rows, in] "
-        "(per-tensor step), w_hat the weight's LSQ fake quantization when w_scale is given (else the weight); "
+        "(per-tensor step), w_hat the weight's LSQ fake quantization when w_scale is given, its straight-through "
+        "fake quantization on the fixed grid (w_s, codes [w_qmin, w_qmax]) when w_s > 0, else the weight; "
         "the step's gradient skips the dense dL/dx_hat when x needs no gradient",
         py::arg("x"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("qmin"), py::arg("qmax"),
         py::arg("grad_factor"), py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0,
-        py::arg("w_grad_factor") = 0.0, py::arg("w_tanh") = false);
+        py::arg("w_grad_factor") = 0.0, py::arg("w_tanh") = false, py::arg("w_s") = 0.0);
   m.def("clipped_linear", &clipped_linear,
         "linear(x_hat, w_hat, bias) in one autograd node, x_hat on the fixed grid (step s, codes [lo, hi]) with "
         "the clipped straight-through gradient, w_hat as for lsq_linear",
         py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"), py::arg("weight"), py::arg("bias"),
         py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0, py::arg("w_grad_factor") = 0.0,
-        py::arg("w_tanh") = false);
+        py::arg("w_tanh") = false, py::arg("w_s") = 0.0);
   m.def("range_quant", &range_quant,
         "observe min/max, update the tracked range, quantize (QAT/PTQ per-tensor); returns "
         "(x_hat, tmin, tmax, scale, zero_point, inv, clamp)",
+        py::arg("x"), py::arg("has_prev"), py::arg("prev_lo"), py::arg("prev_hi"), py::arg("tracking"),
+        py::arg("decay"), py::arg("qmin"), py::arg("qmax"), py::arg("symmetric"));
+  m.def("range_grid", &range_grid,
+        "range_quant's observation and grid without quantizing: (tmin, tmax, scale, zero_point, inv, clamp)",
         py::arg("x"), py::arg("has_prev"), py::arg("prev_lo"), py::arg("prev_hi"), py::arg("tracking"),
         py::arg("decay"), py::arg("qmin"), py::arg("qmax"), py::arg("symmetric"));
   m.def("tanh", &tanh_forward, "tanh (no autograd), the kernels' vectorised form");

@@ -39,9 +39,10 @@ from ..fake_quant import (
     ste_fake_quantize_scalar,
 )
 
-#: a weight quantizer's LSQ arguments for a fused layer call (:meth:`Quantizer.fused_weight`):
-#: ``(scale, qmin, qmax, grad_factor, tanh_first)``
-FusedWeight = tuple[Tensor, int, int, float, bool]
+#: a weight quantizer's arguments for the kernels' fused layer call (:meth:`Quantizer.fused_weight`):
+#: ``(scale, qmin, qmax, grad_factor, tanh_first)`` for a learned LSQ step (on tanh(w) for DoReFa),
+#: ``(None, lo, hi, 0.0, False, step)`` for a fixed grid (codes [lo, hi], straight-through)
+FusedWeight = tuple[Any, ...]
 
 __all__ = [
     "NotCalibratedError",
@@ -135,9 +136,10 @@ class Quantizer(nn.Module):
         return None
 
     def fused_weight(self, weight: Tensor) -> FusedWeight | None:
-        """For a weight quantizer whose fake quantization of ``weight`` is the kernels' LSQ (a learned
-        per-tensor step, on ``weight`` or on ``tanh(weight)``): its arguments, so that it can join
-        the layer's fused call (:meth:`linear_input`); ``None`` otherwise (the default)."""
+        """For a weight quantizer whose fake quantization of ``weight`` the kernels can do inside the
+        layer's fused call (:meth:`linear_input`): its arguments (:data:`FusedWeight`), after any
+        state update its own call would make (an idempotent one: the current range); ``None``
+        otherwise (the default)."""
         return None
 
     def replay_problem(self, steps_ahead: int = 0) -> str | None:
@@ -667,6 +669,80 @@ class RangeQuantizer(Quantizer):
             return lo_t, hi_t
         return (torch.where(torch.isfinite(lo_t), lo_t, self.tracked_min),
                 torch.where(torch.isfinite(hi_t), hi_t, self.tracked_max))
+
+    def _fused_grid(self, x: Tensor) -> tuple[float, int, int] | None:
+        """The grid ``(step, lo, hi)`` (codes relative to the zero point) that :meth:`forward` would
+        quantize ``x`` on, after observing ``x`` as it would (one C++ call, the same numbers), for a
+        fused layer call: per-tensor, float32 on the host path with the kernels, past
+        ``quant_start_step``, state not copied in; ``None`` otherwise (then :meth:`forward` does it
+        all).  A forward recomputed in the backward pass (activation checkpointing) gets the grid
+        without a second observation, as :meth:`forward` does, so it takes the fused path exactly
+        where the first forward did."""
+        st = self._st
+        if (
+            self._fused_tracking is None
+            or x.numel() == 0
+            or not fusable(x)
+            or torch.compiler.is_compiling()
+            or self._buffers_written()
+            or (st[4] is None and st[0])  # (the tensor path ran last: forward reads its state back)
+        ):
+            return None
+        again = in_backward()
+        if self.start_step > 0 and (
+            (st[5] if self.training else st[1] < self.start_step) if again else st[1] < self.start_step
+        ):
+            return None  # (a float pass: forward's)
+        k = kernels.get()
+        if k is None:
+            return None
+        if not again and (self.tracking == "current" or self.training):
+            if self.start_step > 0 and self.training:
+                st[5] = False
+            py = st[4]
+            has_prev = py is not None
+            st[4] = tuple(k.range_grid(x, has_prev, py[0] if has_prev else 0.0, py[1] if has_prev else 0.0,
+                                       self._fused_tracking, self.decay, self.qmin, self.qmax, self.symmetric))
+            st[0] = st[3] = True
+        py = st[4]
+        if py is None:  # (evaluated before it saw data: forward says so)
+            return None
+        zp = 0 if self.symmetric else py[3]
+        return py[2], self.qmin - zp, self.qmax - zp
+
+    def fused_weight(self, weight: Tensor) -> FusedWeight | None:
+        if self.tracking != "current":
+            return None
+        grid = self._fused_grid(weight)
+        if grid is None:
+            return None
+        s, lo, hi = grid
+        return None, lo, hi, 0.0, False, s
+
+    def linear_input(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+    ) -> Tensor | None:
+        """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
+        :meth:`Quantizer.linear_input`) where :meth:`_fused_grid` gives the grid: the same values,
+        range updates and gradients (clipped straight-through) as the unfused calls."""
+        if (
+            self.tracking == "current"
+            or torch.is_autocast_enabled("cpu")
+            or x.dim() < 2
+            or x.shape[-1] != weight.shape[-1]  # (F.linear's own error message then)
+            or not fusable(weight)
+        ):
+            return None
+        grid = self._fused_grid(x)
+        if grid is None:
+            return None
+        k = kernels.get()
+        s, lo, hi = grid
+        w_args = () if weight_lsq is None else weight_lsq
+        if x.dim() == 2:
+            return k.clipped_linear(x, s, lo, hi, weight, bias, *w_args)
+        y = k.clipped_linear(x.reshape(-1, x.shape[-1]), s, lo, hi, weight, bias, *w_args)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
