@@ -25,7 +25,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -33,9 +32,8 @@ import torch
 import lowbit
 from lowbit.models.vae import VAE
 from lowbit.train import make_optimizer
+from lsq_cost_split import TINY, interleaved_rounds, round_options
 from quant_overhead import ALL_LAYERS, STUDY_LAYERS, eager_step, load_images, median_interval
-
-TINY = 8  # layer width of --tiny
 
 
 def import_other(checkout: Path, into: Path):
@@ -53,10 +51,7 @@ def main() -> None:
     parser.add_argument("other", type=Path, help="the other checkout (its src/lowbit is timed as 'old')")
     parser.add_argument("--methods", default="lsq,dorefa", help="comma-separated (default lsq,dorefa)")
     parser.add_argument("--layers", type=int, choices=(4, 5), default=4, help="the study's 4 layers or all 5")
-    parser.add_argument("--rounds", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=25, help="training steps a round (default 25)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tiny", action="store_true", help="8-wide layers: only the per-step fixed costs remain")
+    round_options(parser, rounds=24, steps=25)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,16 +76,8 @@ def main() -> None:
             for b in batches[:3]:  # warm-up, and the first batch's initialisation
                 eager_step(m, opt, b)
             models[tag] = (m, opt)
-        times: dict[str, list[float]] = {k: [] for k in models}
+        times = interleaved_rounds(models, batches, args.rounds, args.steps)
         names = list(models)
-        for r in range(args.rounds):
-            chunk = batches[(r % 8) * args.steps : (r % 8 + 1) * args.steps]
-            for name in names if r % 2 == 0 else names[::-1]:
-                m, opt = models[name]
-                t0 = time.perf_counter()
-                for b in chunk:
-                    eager_step(m, opt, b)
-                times[name].append((time.perf_counter() - t0) / args.steps)
         print(f"torch {torch.__version__}, lowbit new {lowbit.__version__} / old {other.__version__} "
               f"({args.other}), {args.threads} thread(s), {args.rounds} rounds of {args.steps} steps (batch 128), "
               f"W8A8 on {', '.join(layers)}" + (f", layers {TINY} wide" if args.tiny else ""))

@@ -60,12 +60,36 @@ def variants(seed: int = 0, width: int | None = None) -> dict[str, tuple[torch.n
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=10, help="training steps a round (default 10)")
+def round_options(parser: argparse.ArgumentParser, rounds: int, steps: int) -> None:
+    """The command-line options of a benchmark timed in interleaved rounds."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps, help=f"training steps a round (default {steps})")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="8-wide layers: only the per-step fixed costs remain")
+
+
+def interleaved_rounds(
+    models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], batches: list[torch.Tensor], rounds: int, steps: int
+) -> dict[str, list[float]]:
+    """Seconds a training step, per round, for every variant: each round runs ``steps`` steps of
+    every variant in turn on the same batches (the order alternating from round to round)."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for r in range(rounds):
+        first = (r * steps) % len(batches)
+        round_batches = [batches[(first + i) % len(batches)] for i in range(steps)]
+        for name in names if r % 2 == 0 else reversed(names):
+            m, opt = models[name]
+            start = time.perf_counter()
+            for b in round_batches:
+                eager_step(m, opt, b)
+            times[name].append((time.perf_counter() - start) / steps)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    round_options(parser, rounds=100, steps=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch, pool = 128, 100
@@ -75,17 +99,7 @@ def main() -> None:
     for m, opt in models.values():  # warm-up, and the first batch's initialisation
         for b in batches[:5]:
             eager_step(m, opt, b)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
-    for r in range(args.rounds):
-        first = (r * args.steps) % pool
-        round_batches = [batches[(first + i) % pool] for i in range(args.steps)]
-        for name in names if r % 2 == 0 else reversed(names):
-            m, opt = models[name]
-            start = time.perf_counter()
-            for b in round_batches:
-                eager_step(m, opt, b)
-            times[name].append((time.perf_counter() - start) / args.steps)
+    times = interleaved_rounds(models, batches, args.rounds, args.steps)
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, {args.threads} thread(s), "
           f"{args.rounds} rounds of {args.steps} steps (batch {batch}), W8A8 LSQ on {', '.join(STUDY_LAYERS)}"
           + (f", layers {TINY} wide" if args.tiny else ""))

@@ -22,8 +22,9 @@ above the target and "~ 1.15" when it straddles it (this run cannot tell which s
 slices of one run share the machine's state of those minutes, so runs on other days spread more
 than the interval.  Run at 1 thread and at 2 threads.  Target: <= 1.15 for every method.
 
-The row ``lsq 4L, fc1 unfused`` is LSQ without its fused first layer (the input step's
-gradient through the dense ``dL/dx_hat``), to show what that fusion saves; ``lsq 4L, fc1 step
+The row ``lsq 4L, fc1 unfused`` is LSQ without its fused first layer (its quantizers called one by
+one, then ``F.linear``: the input step's gradient through the dense ``dL/dx_hat``), to show what
+that fusion saves; ``lsq 4L, fc1 step
 frozen`` is the same model with fc1's input step not learned at all, to show what learning it
 costs (not a method: LSQ learns every step).  One more fp32 row,
 ``fp32 + fc1 input grad``, computes the gradient with respect to the model's
@@ -102,8 +103,8 @@ def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) 
     for layers, tag in ((STUDY_LAYERS, "4 layers"), (ALL_LAYERS, "5 layers")):
         for method in METHODS:
             variants[f"{method} W8A8 {tag}"] = quantized(method, layers)
-    # the same LSQ model with fc1's input quantizer and matmul unfused (dense dL/dx_hat for the
-    # input step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
+    # the same LSQ model with fc1's quantizers and matmul unfused (dense dL/dx_hat for the input
+    # step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
     m, opt = variants["lsq 4L, fc1 unfused"] = quantized("lsq", STUDY_LAYERS)
     m.fc1.input_quantizer.linear_input = lambda x, w, b, weight_lsq=None: None  # (the wrapper then quantizes, then F.linear)
     # the same LSQ model with fc1's input step frozen (not learned: no dL/dstep for the images at

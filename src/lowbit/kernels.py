@@ -4,8 +4,10 @@ The per-tensor float32 quantizers on the CPU (QAT/PTQ weights and activations, L
 steps, DoReFa's tanh and learned clip) run as a few elementwise PyTorch passes plus a Python
 autograd function per call; ``csrc/fused_quant.cpp`` does each in one vectorised pass forward and
 one backward, with the same values (tested) — see ``docs/QUANTIZERS.md`` for the measured gain.
-``lsq_linear`` fuses an LSQ input quantizer with its Linear layer, so that a first layer's input
-step is learned without the dense gradient with respect to the images.
+``lsq_linear`` and ``clipped_linear`` run a quantized Linear layer (the input's LSQ or fixed-grid
+quantization, the weight's LSQ — on tanh for DoReFa — or fixed grid, and the layer) as one call and
+one autograd node, and learn a first layer's input step without the dense gradient with respect to
+the images; ``range_grid`` is ``range_quant``'s observation alone, for them.
 
 The extension is compiled on first use with PyTorch's JIT builder (a C++ compiler, the Python
 headers and ninja are needed; about 40 s once) and cached in ``~/.cache/lowbit/kernels`` (or
