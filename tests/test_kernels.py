@@ -411,9 +411,9 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
     input_cls, weight_cls = (type(_quantizer(method, t)) for t in ("input", "weight"))
     original = input_cls.linear_input
 
-    def spy(self, x, w, b, weight_lsq=None):
-        y = original(self, x, w, b, weight_lsq)
-        calls.append((y is not None, weight_lsq is not None))
+    def spy(self, x, w, b, weight_args=None):
+        y = original(self, x, w, b, weight_args)
+        calls.append((y is not None, weight_args is not None))
         return y
 
     monkeypatch.setattr(input_cls, "linear_input", spy)
@@ -429,7 +429,7 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
         with ctx as mp:
             if not fuse:
                 mp.setattr(weight_cls, "fused_weight", lambda self, w: None)
-                mp.setattr(input_cls, "linear_input", lambda self, x, w, b, weight_lsq=None: None)
+                mp.setattr(input_cls, "linear_input", lambda self, x, w, b, weight_args=None: None)
             for _ in range(3):
                 x = _sparse_images(32, 784, seed=int(torch.randint(0, 1000, (), generator=gen))).requires_grad_(x_grad)
                 loss = vae_batch_loss(m, x)

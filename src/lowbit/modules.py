@@ -83,18 +83,19 @@ class QuantWrapper(nn.Module):
         # one fused call for the input's quantization, the layer and (where its quantizer has a
         # fused form) the weight's quantization; the quantizers are not called as modules then, so
         # not where hooks are registered on them
+        weight, bias = m.weight, m.bias
         fuse = iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks)
         if fuse and wq is not None and not (wq._forward_hooks or wq._forward_pre_hooks):
-            weight_lsq = wq.fused_weight(m.weight)
-            if weight_lsq is not None:
-                y = iq.linear_input(x, m.weight, m.bias, weight_lsq)
+            weight_args = wq.fused_weight(weight)
+            if weight_args is not None:
+                y = iq.linear_input(x, weight, bias, weight_args)
         if y is None:
-            w = m.weight if wq is None else wq(m.weight)
-            y = iq.linear_input(x, w, m.bias) if fuse else None
+            w = weight if wq is None else wq(weight)
+            y = iq.linear_input(x, w, bias) if fuse else None
             if y is None:
                 if iq is not None:
                     x = iq(x)
-                y = F.linear(x, w, m.bias) if self._is_linear else m._conv_forward(x, w, m.bias)
+                y = F.linear(x, w, bias) if self._is_linear else m._conv_forward(x, w, bias)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         if self.grad_quantizer is not None:

@@ -126,14 +126,23 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
     ) -> Tensor | None:
         """For an input quantizer: ``F.linear(self(x), w, bias)`` as one fused call (one autograd
-        node, :mod:`lowbit.kernels`), ``w`` being ``weight`` or, with ``weight_lsq`` (from the weight
+        node, :mod:`lowbit.kernels`), ``w`` being ``weight`` or, with ``weight_args`` (from the weight
         quantizer's :meth:`fused_weight`), its fake quantization; or ``None`` where this quantizer
         has no fused call for these tensors (the default): the wrapper then quantizes ``x`` and
         calls ``F.linear`` itself."""
         return None
+
+    @staticmethod
+    def _on_rows(call: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``call`` (a fused layer call on ``[rows, in]``) on ``x [..., in]``'s rows, its output
+        shaped ``[..., out]``."""
+        if x.dim() == 2:
+            return call(x)
+        y = call(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def fused_weight(self, weight: Tensor) -> FusedWeight | None:
         """For a weight quantizer whose fake quantization of ``weight`` the kernels can do inside the
@@ -720,7 +729,7 @@ class RangeQuantizer(Quantizer):
         return None, lo, hi, 0.0, False, s
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) where :meth:`_fused_grid` gives the grid: the same values,
@@ -738,11 +747,7 @@ class RangeQuantizer(Quantizer):
             return None
         k = kernels.get()
         s, lo, hi = grid
-        w_args = () if weight_lsq is None else weight_lsq
-        if x.dim() == 2:
-            return k.clipped_linear(x, s, lo, hi, weight, bias, *w_args)
-        y = k.clipped_linear(x.reshape(-1, x.shape[-1]), s, lo, hi, weight, bias, *w_args)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ())), x)
 
     # -- the contract -------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

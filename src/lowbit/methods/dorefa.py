@@ -255,7 +255,7 @@ class DoReFaActivationQuantizer(Quantizer):
         return clipped_fake_quantize(x, self.scale, None, self.qmin, self.qmax)
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) for float32 CPU tensors: the same values and gradients."""
@@ -269,11 +269,8 @@ class DoReFaActivationQuantizer(Quantizer):
         k = kernels.get()
         if k is None:
             return None
-        w_args = () if weight_lsq is None else weight_lsq
-        if x.dim() == 2:
-            return k.clipped_linear(x, self._s, self.qmin, self.qmax, weight, bias, *w_args)
-        y = k.clipped_linear(x.reshape(-1, x.shape[-1]), self._s, self.qmin, self.qmax, weight, bias, *w_args)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        s, lo, hi = self._s, self.qmin, self.qmax
+        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ())), x)
 
     def grid(self) -> AffineGrid:
         return AffineGrid(self.scale.clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)

@@ -197,7 +197,7 @@ class LSQQuantizer(Quantizer):
         return scale, self.qmin, self.qmax, self._weight_gf, False
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_lsq: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) where it applies: a per-tensor input step, float32 on the
@@ -224,12 +224,8 @@ class LSQQuantizer(Quantizer):
         k = kernels.get()
         if k is None:
             return None
-        gf = self._grad_factor(x)
-        w_args = () if weight_lsq is None else weight_lsq
-        if x.dim() == 2:
-            return k.lsq_linear(x, scale, weight, bias, self.qmin, self.qmax, gf, *w_args)
-        y = k.lsq_linear(x.reshape(-1, x.shape[-1]), scale, weight, bias, self.qmin, self.qmax, gf, *w_args)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        qmin, qmax, gf = self.qmin, self.qmax, self._grad_factor(x)
+        return self._on_rows(lambda rows: k.lsq_linear(rows, scale, weight, bias, qmin, qmax, gf, *(weight_args or ())), x)
 
     def grid(self) -> AffineGrid:
         if not self._initialized:
