@@ -152,6 +152,25 @@ def test_tanh_matches_torch(k):
     assert torch.equal(t, -dorefa_tanh(-x)) or (t + dorefa_tanh(-x)).abs().max() < 2.5e-7
 
 
+def test_tanh_blocks_give_the_scalar_code_s_bits(k):
+    """The kernels run tanh (and its quantization, DoReFa's learned variant) on blocks of 32
+    elements as interleaved vector operations and on the rest with the scalar code: the same
+    operations, so every value gets the same bits either way — NaN and infinities, the exp's
+    clamp, the rounding of the codes.  (One element alone takes the scalar code.)"""
+    torch.manual_seed(0)
+    inf, nan = float("inf"), float("nan")
+    special = [nan, inf, -inf, 0.0, -0.0, 1e-40, -1e-40, 1e-8, 0.5, -0.5, 43.6, 43.9, 44.0, -43.6, 88.0, 3.4e38, -3.4e38]
+    vals = torch.cat([torch.tensor(special), torch.randn(200) * 3, torch.randn(100) * 0.01])
+    step = torch.tensor(0.013)
+    blocks = (k.tanh(vals), k.lsq(vals, step, -7, 7, 0.1, True))
+    alone = [torch.cat([k.tanh(v.reshape(1)) for v in vals]),
+             torch.cat([k.lsq(v.reshape(1), step, -7, 7, 0.1, True) for v in vals])]
+    for got, want in zip(blocks, alone):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+        finite = want == want
+        assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))  # (-0.0 too)
+
+
 def test_quantized_training_is_the_same_with_and_without_kernels(k):
     """A few LSQ and QAT training steps of the VAE: the fused and the PyTorch paths give the same
     weights up to float summation order (the step gradients' sums)."""

@@ -12,6 +12,7 @@ from torch import nn
 
 import lowbit
 from helpers import train_vae
+from lowbit import kernels
 from lowbit.fake_quant import AffineGrid, f32, tensor_path
 from lowbit.methods import NotCalibratedError, Quantizer
 from lowbit.models.vae import VAE
@@ -88,6 +89,33 @@ def test_the_layers_own_hooks_still_run(method):
     with torch.no_grad():  # the pre-hook doubled fc's input
         h = model[1](model[0]._forward(2 * x))
     assert torch.equal(model[2](h), y.detach())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forward_pass_reads_no_attribute_through_module_getattr(method, monkeypatch):
+    """The wrapper and its quantizers read their layer, quantizers, weight, bias and steps from
+    nn.Module's dictionaries (lowbit.methods.base.member): on Python 3.11 a read that falls to
+    nn.Module.__getattr__ first raises (and catches) an AttributeError, a cost paid by every layer
+    of every step.  (The fused path: without the kernels the quantizers' own forward passes run.)"""
+    if kernels.get() is None:
+        pytest.skip("the fused kernels are off (LOWBIT_KERNELS=0) or did not build here")
+    model = lowbit.quantize(VAE(), w8a8(), method)
+    train_steps(model, 1)
+    ours = {id(m) for w in model.modules() if isinstance(w, QuantWrapper) for m in w.modules()}  # (layers too)
+    reads = []
+    real, wrapper_own = nn.Module.__getattr__, QuantWrapper.__getattr__
+
+    def counting(real):
+        def getattr_(self, name):
+            if id(self) in ours:
+                reads.append((type(self).__name__, name))
+            return real(self, name)
+        return getattr_
+
+    monkeypatch.setattr(nn.Module, "__getattr__", counting(real))
+    monkeypatch.setattr(QuantWrapper, "__getattr__", counting(wrapper_own))
+    model(torch.rand(8, 1, 28, 28))
+    assert reads == []
 
 
 def test_print_shows_method_bits_granularity_and_ranges():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LayerSpec
-from .methods.base import Quantizer
+from .methods.base import Quantizer, member
 
 __all__ = ["QuantWrapper", "TransformError", "module_names", "replace_module"]
 
@@ -71,19 +71,20 @@ class QuantWrapper(nn.Module):
                 "functorch rules. Compute gradients with loss.backward() (or torch.autograd.grad); "
                 "torch.func.functional_call without a transform works"
             )
-        m = self.module
+        m = member(self, "module")
         if m._forward_pre_hooks or m._forward_hooks:
             return self._forward_with_layer_hooks(x)
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
-        m = self.module
-        wq, iq = self.weight_quantizer, self.input_quantizer
+        # (member: the attribute reads of a forward pass without nn.Module.__getattr__'s cost)
+        m = member(self, "module")
+        wq, iq = member(self, "weight_quantizer"), member(self, "input_quantizer")
         y = None
         # one fused call for the input's quantization, the layer and (where its quantizer has a
         # fused form) the weight's quantization; the quantizers are not called as modules then, so
         # not where hooks are registered on them
-        weight, bias = m.weight, m.bias
+        weight, bias = member(m, "weight"), member(m, "bias")
         fuse = iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks)
         if fuse and wq is not None and not (wq._forward_hooks or wq._forward_pre_hooks):
             weight_args = wq.fused_weight(weight)
@@ -96,10 +97,11 @@ class QuantWrapper(nn.Module):
                 if iq is not None:
                     x = iq(x)
                 y = F.linear(x, w, bias) if self._is_linear else m._conv_forward(x, w, bias)
-        if self.output_quantizer is not None:
-            y = self.output_quantizer(y)
-        if self.grad_quantizer is not None:
-            y = self.grad_quantizer(y)
+        oq, gq = member(self, "output_quantizer"), member(self, "grad_quantizer")
+        if oq is not None:
+            y = oq(y)
+        if gq is not None:
+            y = gq(y)
         return y
 
     def _forward_with_layer_hooks(self, x: Tensor) -> Tensor:

@@ -60,6 +60,7 @@ __all__ = [
     "code_range",
     "check_finite",
     "in_backward",
+    "member",
 ]
 
 
@@ -401,6 +402,24 @@ INF_MESSAGE = (
     "the tensor to quantize contains inf: its range would be infinite and every later output NaN "
     "(training has diverged, or the input holds inf: lower the learning rate, or check the input data)"
 )
+
+
+_MISSING = object()
+
+
+def member(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name)``, read first from the module's own dictionaries of parameters and
+    submodules.  On Python 3.11 a read that ``nn.Module.__getattr__`` answers first formats and
+    raises an AttributeError inside the interpreter (it is caught there): a few µs a read, and a
+    quantized layer's forward pass makes eight of them.  Names in neither dictionary (buffers,
+    plain attributes, a weight under a parametrization or ``weight_norm``, which leave
+    ``_parameters``) take ``getattr``."""
+    v = module._parameters.get(name, _MISSING)
+    if v is _MISSING:
+        v = module._modules.get(name, _MISSING)
+        if v is _MISSING:
+            return getattr(module, name)
+    return v
 
 
 def in_backward() -> bool:

@@ -59,8 +59,8 @@ from ..fake_quant import (
     qrange,
     quantize_gradient,
 )
-from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, one_of,
-                   register_method)
+from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, member,
+                   one_of, register_method)
 
 __all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "GradientQuantizer", "dorefa_weight_codes"]
 
@@ -204,8 +204,10 @@ class DoReFaWeightQuantizer(Quantizer):
         return out
 
     def fused_weight(self, weight: Tensor) -> FusedWeight | None:
-        if self.learned and fusable(weight) and fusable(self.scale):
-            return self.scale, self.qmin, self.qmax, self._grad_factor, True
+        if self.learned:
+            scale = member(self, "scale")
+            if fusable(weight) and fusable(scale):
+                return scale, self.qmin, self.qmax, self._grad_factor, True
         return None
 
     def quantize_int(self, w: Tensor) -> Tensor:

@@ -38,7 +38,7 @@ from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
 from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward,
-                   is_bool, one_of, register_method)
+                   is_bool, member, one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -186,7 +186,7 @@ class LSQQuantizer(Quantizer):
         return 1.0 / math.sqrt(max(n, 1) * self._qp)
 
     def fused_weight(self, weight: Tensor) -> FusedWeight | None:
-        scale = self.scale
+        scale = member(self, "scale")
         if (
             not self.is_weight
             or not self._initialized
@@ -209,7 +209,7 @@ class LSQQuantizer(Quantizer):
             # initialise here, not in forward: a recomputed forward (activation checkpointing) then
             # takes the same (fused) path as the first one did
             self._init_from(x.detach())
-        scale = self.scale
+        scale = member(self, "scale")
         if (
             self.is_weight
             or not self._initialized
