@@ -103,7 +103,8 @@ inline bool inside(float x, const Grid& g) { return x > g.lo_x && x < g.hi_x; }
 // exp for the tanh below: Cody-Waite reduction and Cephes' degree-6 polynomial (about 1 ulp),
 // written so that the compiler vectorises it (torch's CPU build runs tanh unvectorised).  With
 // FMA hardware the reduction and the polynomial use fused multiply-adds (explicitly: the file is
-// compiled with -ffp-contract=off); without, separate multiplies and adds.
+// compiled with -ffp-contract=off); without, separate multiplies and adds.  tanh_block (below)
+// repeats these steps on 4 vectors at once: change both (test_kernels pins them to the same bits).
 #ifdef __FMA__
 inline float mul_add(float a, float b, float c) { return std::fma(a, b, c); }
 #else

@@ -412,8 +412,7 @@ def member(module: nn.Module, name: str) -> Any:
     submodules.  On Python 3.11 a read that ``nn.Module.__getattr__`` answers first formats and
     raises an AttributeError inside the interpreter (it is caught there): a few µs a read, and a
     quantized layer's forward pass makes eight of them.  Names in neither dictionary (buffers,
-    plain attributes, a weight under a parametrization or ``weight_norm``, which leave
-    ``_parameters``) take ``getattr``."""
+    plain attributes, such as the weight that ``weight_norm``'s hook recomputes) take ``getattr``."""
     v = module._parameters.get(name, _MISSING)
     if v is _MISSING:
         v = module._modules.get(name, _MISSING)
