@@ -93,3 +93,10 @@ def test_ab_versions_runs():
     with pytest.raises(subprocess.CalledProcessError) as err:
         _run("ab_versions.py", str(BENCH), "--rounds", "1")
     assert "not a lowbit checkout" in err.value.stderr
+
+
+@pytest.mark.slow
+def test_optimizer_groups_runs():
+    out = _run("optimizer_groups.py", "--steps", "3", "--threads", "1")
+    for row in ("fp32 model's group", "lsq: + steps' group (shipped)", "one 10-vector in model's group"):
+        assert row in out
