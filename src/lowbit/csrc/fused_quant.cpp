@@ -253,7 +253,11 @@ struct StepSum {
   int64_t outside;
 };
 
-StepSum step_grad_span(const float* __restrict__ x, const float* __restrict__ gr, int64_t n, const Grid g) {
+// With TanhMask, also DoReFa's gradient of w through t = tanh(w) (x holds t), tanh_mask_span's
+// gx = inside(t) ? gr (1 - t^2) : 0, into gx (which may be gr itself), block by block after each
+// block's sum, while the block is in L1.
+template <bool TanhMask>
+StepSum step_grad_span(const float* __restrict__ x, const float* gr, float* gx, int64_t n, const Grid g) {
   StepSum r{0.0, 0};
   for (int64_t blk = 0; blk < n; blk += 4096) {
     const int64_t end = std::min(n, blk + 4096);
@@ -278,19 +282,24 @@ StepSum step_grad_span(const float* __restrict__ x, const float* __restrict__ gr
       r.sum += acc[l];
       r.outside += static_cast<int64_t>(out[l]);
     }
+    if (TanhMask) {
+      if (gx == gr)
+        tanh_mask_span_inplace(x + blk, gx + blk, end - blk, g);
+      else
+        tanh_mask_span(x + blk, gr + blk, gx + blk, end - blk, g);
+    }
   }
   return r;
 }
 
-// step_grad_span over a whole tensor in parallel chunks; after each chunk's sum, also_do(b, e)
-// (a pass over the same chunk while it is in cache; it may overwrite the chunk of gr)
-template <typename F>
-StepSum step_sum(const float* x, const float* gr, int64_t n, const Grid& g, const F& also_do) {
+// step_grad_span over a whole tensor in parallel chunks; with gx given, DoReFa's masked tanh
+// gradient written into it in the same pass
+StepSum step_sum(const float* x, const float* gr, int64_t n, const Grid& g, float* gx = nullptr) {
   return at::parallel_reduce(
       0, n, kGrain, StepSum{0.0, 0},
       [&](int64_t b, int64_t e, StepSum acc) {
-        const StepSum part = step_grad_span(x + b, gr + b, e - b, g);
-        also_do(b, e);
+        const StepSum part = gx != nullptr ? step_grad_span<true>(x + b, gr + b, gx + b, e - b, g)
+                                           : step_grad_span<false>(x + b, gr + b, nullptr, e - b, g);
         return StepSum{acc.sum + part.sum, acc.outside + part.outside};
       },
       [](StepSum a, StepSum b) { return StepSum{a.sum + b.sum, a.outside + b.outside}; });
@@ -442,15 +451,11 @@ struct LSQFn : public Function<LSQFn> {
     };
     // One read pass for the step's sum and the count of clipped elements.  LSQ on x: when nothing
     // is clipped (the usual case for weights) the input gradient is the incoming one, unwritten.
-    // On tanh(x) the input gradient has a factor 1 - t^2 everywhere: written in the same pass
-    // (each chunk after its sum: in place into the incoming gradient where that is ours to write).
+    // On tanh(x) the input gradient has a factor 1 - t^2 everywhere: written in the same pass (in
+    // place into the incoming gradient where that is ours to write).
     if (want_x && tanh_first) alloc_gx();
     StepSum total{0.0, 0};
-    if (want_s) {
-      total = step_sum(vp, gp, n, g, [&](int64_t b, int64_t e) {
-        if (gxp != nullptr) mask(b, e);
-      });
-    }
+    if (want_s) total = step_sum(vp, gp, n, g, gxp);  // (gxp set: tanh_first's gradient, written too)
     if (want_x) {
       if (!tanh_first && want_s && total.outside == 0) {
         gx = grads[0];
@@ -654,11 +659,9 @@ double lsq_backward_into(const Tensor& v, Tensor& gr, bool want_grad, bool want_
   float* gp = fptr(gr);
   const int64_t n = v.numel();
   auto mask = [=](int64_t b, int64_t e) { mask_into(tanh_first, vp + b, gp + b, gp + b, e - b, g); };
-  const bool mask_per_chunk = want_grad && tanh_first;  // (1 - t^2 everywhere: each chunk after its sum)
+  const bool mask_in_sum = want_grad && tanh_first;  // (1 - t^2 everywhere: written by the sum's pass)
   StepSum total{0.0, 0};
-  if (want_s) total = step_sum(vp, gp, n, g, [&](int64_t b, int64_t e) {
-      if (mask_per_chunk) mask(b, e);
-    });
+  if (want_s) total = step_sum(vp, gp, n, g, mask_in_sum ? gp : nullptr);
   // LSQ on x with nothing clipped (the usual case for weights): the gradient passes unchanged
   if (want_grad && !(want_s && (tanh_first || total.outside == 0))) at::parallel_for(0, n, kGrain, mask);
   return total.sum;
