@@ -5,7 +5,8 @@ the variants taking turns step by step in one process, medians printed in µs ov
     python benchmarks/optimizer_groups.py                # 2 threads, 2000 steps each
     python benchmarks/optimizer_groups.py --threads 1 --steps 500
 
-Rows: the VAE's own Adam (fused, as ``lowbit.train.make_optimizer`` builds it) with no quantizer;
+Rows: the VAE's own Adam (fused, as ``lowbit.train.make_optimizer`` builds it) with no quantizer,
+twice (two copies of the same model and optimizer: how far apart equal variants land);
 the same after ``lowbit.quantize(..., "lsq", optimizer=opt)`` on all five layers, W8A8 (its ten
 steps in the group :func:`lowbit.quantize.quantizer_param_group` adds); then three layouts lowbit
 does not use, the same ten values held differently: one 10-element tensor in its own group, the
@@ -42,6 +43,7 @@ def variants(seed: int = 0) -> dict[str, torch.optim.Optimizer]:
         return m
 
     out["fp32 model's group"] = make_optimizer(model())
+    out["the same, another copy"] = make_optimizer(model())  # (the spread between equal variants)
     m = model()
     opt = make_optimizer(m)
     lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": LAYERS}], "lsq", optimizer=opt)
