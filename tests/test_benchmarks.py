@@ -93,6 +93,13 @@ def test_ab_versions_runs():
     with pytest.raises(subprocess.CalledProcessError) as err:
         _run("ab_versions.py", str(BENCH), "--rounds", "1")
     assert "not a lowbit checkout" in err.value.stderr
+    from lowbit import kernels
+
+    if kernels.get() is not None:
+        calls = _run("ab_versions.py", str(BENCH.parent), "--weight-quantizer", "--rounds", "1", "--steps", "2",
+                     "--methods", "lsq,dorefa,qat")
+        assert "lsq      weight quantizer backward" in calls and "dorefa   weight quantizer backward" in calls
+        assert "qat" not in calls.split("calls each")[1]
 
 
 @pytest.mark.slow
