@@ -15,9 +15,10 @@ turn (alternating order, the same batches); a round's time divided by fp32's in 
 a paired ratio.  Printed: the median ms a step, the median paired ratio with its 95% bootstrap
 interval, and the median ms over fp32.  ``--tiny`` makes every layer 8 wide (random 8-pixel
 images): only the per-step fixed costs remain.  Needs MNIST in ``LOWBIT_DATA_DIR`` for the real
-VAE (else uniform random images).  ``--weight-quantizer`` times instead the backward pass of each method's fused weight
-quantizer alone (``kernels.lsq`` on a 400 x 784 weight: LSQ's, and DoReFa's on tanh) in the two
-versions, alternating call by call, medians of ``--rounds`` x ``--steps`` calls in µs.
+VAE (else uniform random images).  ``--weight-quantizer`` times instead the backward pass of
+each method's fused weight quantizer alone (``kernels.lsq`` on a 400 x 784 weight: LSQ's, and
+DoReFa's on tanh) in the two versions, alternating call by call, medians of ``--rounds`` x
+``--steps`` calls in µs.
 """
 
 from __future__ import annotations
