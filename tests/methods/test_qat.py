@@ -202,6 +202,23 @@ def test_a_non_finite_weight_is_refused_on_every_path(granularity):
         assert torch.isfinite(wrapper(torch.rand(2, 16))).all()
 
 
+def test_off_the_host_a_non_finite_batch_end_is_replaced_by_the_tracked_one(monkeypatch):
+    # (a GPU, or torch.compile, cannot raise without a host read: there each NaN/inf end of a batch
+    # range gives way to the tracked end, and every finite end is observed as it is)
+    q = RangeQuantizer(TensorSpec("weight", 8, "per_channel", "affine", "int", False), channels=5, tracking="ema")
+    q.tracked_min.copy_(torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0]))
+    q.tracked_max.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))
+    inf, nan = float("inf"), float("nan")
+    lo = torch.tensor([-inf, nan, inf, -0.5, -3.4e38])
+    hi = torch.tensor([inf, 0.5, nan, -inf, 3.4e38])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    new_lo, new_hi = q._finite_range(lo, hi)
+    assert new_lo.tolist() == [-1.0, -2.0, -3.0, -0.5, torch.tensor(-3.4e38).item()]
+    assert new_hi.tolist() == [1.0, 0.5, 3.0, 4.0, torch.tensor(3.4e38).item()]
+    q.tracking = "current"  # (each call's own range: nothing carries over, nothing to guard)
+    assert all(a is b for a, b in zip(q._finite_range(lo, hi), (lo, hi)))
+
+
 @pytest.mark.parametrize("method", ["qat", "ptq"])
 def test_an_empty_batch_passes_through_as_through_the_plain_layer(method):
     from lowbit import kernels

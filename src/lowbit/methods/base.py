@@ -689,13 +689,17 @@ class RangeQuantizer(Quantizer):
         the host path; elsewhere (a GPU, where raising would cost a host synchronisation every call,
         or inside ``torch.compile``) every non-finite end is replaced by the tracked one (0 before
         the first batch), so the tracked range is never poisoned — the output still carries the
-        NaN of its input, so the loss shows it."""
+        NaN of its input, so the loss shows it.  With ``tracking="current"`` (weights) nothing
+        carries over to poison: the range is each call's own, kept as it is (no extra kernels)."""
         if lo_t.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool((torch.isfinite(lo_t) & torch.isfinite(hi_t)).all()):
                 raise ValueError(NAN_MESSAGE if bool((torch.isnan(lo_t) | torch.isnan(hi_t)).any()) else INF_MESSAGE)
             return lo_t, hi_t
-        return (torch.where(torch.isfinite(lo_t), lo_t, self.tracked_min),
-                torch.where(torch.isfinite(hi_t), hi_t, self.tracked_max))
+        if self.tracking == "current":
+            return lo_t, hi_t
+        # (|v| < inf is isfinite in two kernels; torch.isfinite launches four on a GPU)
+        return (torch.where(lo_t.abs() < math.inf, lo_t, self.tracked_min),
+                torch.where(hi_t.abs() < math.inf, hi_t, self.tracked_max))
 
     def _fused_grid(self, x: Tensor) -> tuple[float, int, int] | None:
         """The grid ``(step, lo, hi)`` (codes relative to the zero point) that :meth:`forward` would
