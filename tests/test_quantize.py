@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 
 import pytest
@@ -271,6 +272,58 @@ def test_fold_reproduces_the_simulated_outputs_exactly(method):
     assert plain.fc1.weight.unique().numel() <= 16
     # the original model is untouched
     assert isinstance(model.fc1, QuantWrapper)
+
+
+def test_fold_after_quant_start_step_holds_the_quantized_weights():
+    # (fold copies the model: the copy's start-step count was read from a buffer written only by
+    # state_dict(), so it thought it was still in its float warm-up and folded float weights)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8))
+    lowbit.quantize(model, [{"quant_types": ["weight"], "quant_bits": 2, "op_types": ["Linear"]}], "qat", quant_start_step=2)
+    for _ in range(5):
+        model(torch.randn(4, 16))
+    model.eval()
+    plain = lowbit.fold(model)
+    assert plain[0].weight.unique().numel() <= 4
+    x = torch.randn(4, 16)
+    assert torch.equal(plain(x), model(x))
+
+
+def _pickled(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "averaged"])
+@pytest.mark.parametrize("checkpoints", [0, 2, 4])
+def test_a_copy_of_a_trained_model_is_the_same_model(method, how, checkpoints):
+    # a copy is made of the buffers, which the range quantizers write lazily: a copy taken between
+    # two state_dict() calls lost its ranges (NotCalibratedError) or took the last checkpoint's
+    torch.manual_seed(0)
+    extra = {"quant_start_step": 2} if method == "qat" else {}  # (its step count is lazy state too)
+    model = lowbit.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)),
+                            [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method, **extra)
+    for scale in (1.0, 3.0, 10.0):  # checkpoints: 0, 1 or 2 state_dict() calls on the way
+        for _ in range(4):
+            model(torch.randn(16, 8) * scale)
+        if scale < checkpoints:
+            model.state_dict()  # (a checkpoint: the buffers written, then training goes on)
+    if how == "deepcopy":
+        other = copy.deepcopy(model)
+    elif how == "pickle":
+        other = _pickled(model)
+    else:
+        other = torch.optim.swa_utils.AveragedModel(model).module
+    model.eval()
+    other.eval()
+    x = torch.randn(16, 8) * 10
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
+    mine, theirs = model.state_dict(), other.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_fold_conv_model_and_drops_activation_quantization():

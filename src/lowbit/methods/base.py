@@ -588,6 +588,13 @@ class RangeQuantizer(Quantizer):
         self._flush()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (copy.deepcopy, pickling, torch.save of a whole model, AveragedModel, fold) is
+        # made of the buffers: write the Python-side state into them first (a copy whose buffers
+        # lagged re-read them, and lost its ranges or took an older checkpoint's)
+        self._flush()
+        return super().__getstate__()
+
     def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
         problem = super()._state_problem(state, prefix)
         zp = state.get(prefix + "zero_point")
