@@ -408,6 +408,12 @@ def test_a_layer_registered_under_two_names_is_quantized_under_both():
     assert list(quantized_layers(model)) == ["enc"]
     plain = lowbit.fold(model)
     assert isinstance(plain.dec, nn.Linear) and plain.dec is plain.enc
+    # op_names may use either name (it was "the model has no layer named 'dec'")
+    named = lowbit.quantize(Tied(), [{"quant_types": ["weight"], "quant_bits": 4, "op_names": ["dec"]}], "qat")
+    assert isinstance(named.enc, QuantWrapper) and named.dec is named.enc
+    cfg_list = [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}, {"exclude": True, "op_names": ["dec"]}]
+    with pytest.raises(ConfigError, match="every selected layer is excluded"):
+        lowbit.quantize(Tied(), cfg_list, "qat")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -246,6 +246,12 @@ def parse_config(
 
     layers = quantizable_layers(model)
     all_modules = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    # a module held under several names (tied layers) is listed under its first; the others name it too
+    alias_of: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name:
+            alias_of[name] = first.setdefault(id(m), name)
     layer_list = [f"{n} ({type(m).__name__})" for n, m in layers.items()]
     specs: dict[str, LayerSpec] = {}
 
@@ -293,7 +299,7 @@ def parse_config(
                     f"(its quantizable layer types: {', '.join(present) or 'none'})"
                 )
         if "op_names" in entry:
-            op_names = _as_str_list(entry["op_names"], "op_names", where)
+            op_names = [alias_of.get(n, n) for n in _as_str_list(entry["op_names"], "op_names", where)]
             for n in op_names:
                 if n not in all_modules:
                     raise ConfigError(
