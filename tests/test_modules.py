@@ -181,6 +181,31 @@ def test_quantizer_contract(method, cfg):
     assert model(x, torch.zeros(64, 20))[0].isfinite().all()
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_quantizer_contract_in_half_precision(method, dtype, granularity):
+    """A float16/bfloat16 tensor is quantized in float32 (then cast back) on every path: its codes
+    are quantize_int's (half-precision x * (1/s) used to put 1-4% of the codes one off, per-tensor)."""
+    if method == "dorefa" and granularity == "per_channel":
+        pytest.skip("DoReFa weights are per-tensor")
+    for path in (contextlib.nullcontext, tensor_path):
+        torch.manual_seed(0)
+        extra = {} if method == "dorefa" else {"granularity": {"weight": granularity}}
+        model = lowbit.quantize(nn.Sequential(nn.Linear(64, 64)).to(dtype), [{"quant_types": ["weight", "input"], "quant_bits": 8,
+                                                                            "op_types": ["Linear"], **extra}], method)
+        x = torch.randn(256, 64, dtype=dtype)
+        x = x.relu() if method == "dorefa" else x  # (DoReFa's activations are on [0, 1])
+        with path():
+            model(x)
+            model.eval()
+            for q, v in ((model[0].weight_quantizer, model[0].module.weight.detach()), (model[0].input_quantizer, x)):
+                with torch.no_grad():
+                    y = q(v)
+                    assert y.dtype == dtype
+                    assert torch.equal(q.grid().dequantize(q.quantize_int(v)).to(dtype), y)
+
+
 def _wrappers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantWrapper)]
 

@@ -34,10 +34,12 @@ range quantizers); the others take tensors (per-channel, any device, no host syn
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -318,10 +320,28 @@ def clipped_fake_quantize(
     return _ClippedFakeQuant.apply(x, scale, zero_point, qmin, qmax, axis)
 
 
-def _wide(t: Tensor) -> Tensor:
-    """``t`` in float32 if it is float16/bfloat16: the step's gradient is a difference of two sums
-    over the whole tensor, which half precision would round away (tens of percent off)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def wide(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16/bfloat16 (else ``t``): codes rounded from half-precision
+    products move near ties, and a step's gradient (a difference of two sums over the whole
+    tensor) would be rounded away, tens of percent off."""
+    return t.float() if t.dtype in HALF_DTYPES else t
+
+
+def float32_codes(forward: Callable[[Any, Tensor], Tensor]) -> Callable[[Any, Tensor], Tensor]:
+    """A quantizer's ``forward`` that quantizes a float16/bfloat16 input in float32 and casts the
+    output back: its codes are then :meth:`quantize_int`'s and the exported integer model's, on
+    every path and granularity (half-precision ``x * (1/s)`` put about 1-4% of codes one off)."""
+
+    @functools.wraps(forward)
+    def wrapped(self: Any, x: Tensor) -> Tensor:
+        if x.dtype in HALF_DTYPES:
+            return forward(self, x.float()).to(x.dtype)
+        return forward(self, x)
+
+    return wrapped
 
 
 def _sum_but(t: Tensor, axis: int | None) -> Tensor:
@@ -357,10 +377,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         s_t = scale.abs().clamp_min(MIN_SCALE)
         zp_t = None if zero_point is None else torch.round(zero_point).clamp(qmin, qmax)
         s, inv, lo, hi = _resolve(x, s_t, zp_t, qmin, qmax, axis)
-        wide = _clamp((x * inv).round_(), lo, hi, True).mul_(s)  # c * s, c = clamp(round(x / s)), in s's dtype
-        out = wide.to(x.dtype)
+        cs = _clamp((x * inv).round_(), lo, hi, True).mul_(s)  # c * s, c = clamp(round(x / s)), in s's dtype
+        out = cs.to(x.dtype)
         # (the step's gradient reads c * s unrounded: a float16/bfloat16 out would cost it percents)
-        ctx.save_for_backward(x, wide if ctx.needs_input_grad[1] else out, scale.detach())
+        ctx.save_for_backward(x, cs if ctx.needs_input_grad[1] else out, scale.detach())
         ctx.s = s
         ctx.bounds = _x_bounds(s, lo, hi)
         return out
@@ -374,12 +394,12 @@ class _LSQFakeQuant(torch.autograd.Function):
             gs = gzp = None
             if ctx.needs_input_grad[1]:
                 # d x_hat / d s = c - [in range] x / s  (Esser et al. 2020, eq. 3), c = out / s
-                ga, gxa = _wide(g).reshape(-1), _wide(gx).reshape(-1)
-                gs = torch.dot(ga, _wide(out).reshape(-1)) - torch.dot(gxa, _wide(x).reshape(-1))
+                ga, gxa = wide(g).reshape(-1), wide(gx).reshape(-1)
+                gs = torch.dot(ga, wide(out).reshape(-1)) - torch.dot(gxa, wide(x).reshape(-1))
                 gs = (gs * (ctx.grad_factor * sign / s)).reshape(ctx.s_shape)
             if ctx.learn_zp:
                 # d x_hat / d zp = -s where clamped, 0 inside (straight through the rounding)
-                gzp = ((_wide(gx).sum() - _wide(g).sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
+                gzp = ((wide(gx).sum() - wide(g).sum()) * (s * ctx.grad_factor)).reshape(ctx.zp_shape)
             return gx, gs, gzp, None, None, None, None
         x, out, scale = ctx.saved_tensors
         s = ctx.s
@@ -388,10 +408,10 @@ class _LSQFakeQuant(torch.autograd.Function):
         gs = gzp = None
         s_vec = s.reshape(-1) if ctx.axis is not None else s
         if ctx.needs_input_grad[1]:
-            gs = (_sum_but(_wide(g) * _wide(out), ctx.axis) - _sum_but(_wide(gx) * _wide(x), ctx.axis)) / s_vec
+            gs = (_sum_but(wide(g) * wide(out), ctx.axis) - _sum_but(wide(gx) * wide(x), ctx.axis)) / s_vec
             gs = (gs * ctx.grad_factor * torch.where(scale < 0, -1.0, 1.0)).reshape(ctx.s_shape)
         if ctx.learn_zp:
-            gzp = -(_sum_but(_wide(g), ctx.axis) - _sum_but(_wide(gx), ctx.axis)) * s_vec
+            gzp = -(_sum_but(wide(g), ctx.axis) - _sum_but(wide(gx), ctx.axis)) * s_vec
             gzp = (gzp * ctx.grad_factor).reshape(ctx.zp_shape)
         return gx, gs, gzp, None, None, None, None
 

@@ -30,6 +30,7 @@ from ..fake_quant import (
     affine_qparams,
     affine_qparams_f32,
     f32,
+    float32_codes,
     fusable,
     on_host,
     clipped_fake_quantize,
@@ -779,6 +780,7 @@ class RangeQuantizer(Quantizer):
         return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ())), x)
 
     # -- the contract -------------------------------------------------------------------------
+    @float32_codes
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:  # an empty batch: nothing to observe, nothing to quantize
             return x

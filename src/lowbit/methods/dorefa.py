@@ -50,6 +50,7 @@ from ..fake_quant import (
     MIN_SCALE,
     AffineGrid,
     exact_div,
+    float32_codes,
     clipped_fake_quantize,
     clipped_fake_quantize_scalar,
     f32,
@@ -58,6 +59,7 @@ from ..fake_quant import (
     on_host,
     qrange,
     quantize_gradient,
+    wide,
 )
 from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, member,
                    one_of, register_method)
@@ -190,6 +192,7 @@ class DoReFaWeightQuantizer(Quantizer):
                 self.initialized.fill_(True)
                 self._initialized = True
 
+    @float32_codes
     def forward(self, w: Tensor) -> Tensor:
         if self.learned:
             k = kernels.get() if fusable(w) else None
@@ -211,6 +214,7 @@ class DoReFaWeightQuantizer(Quantizer):
         return None
 
     def quantize_int(self, w: Tensor) -> Tensor:
+        w = wide(w)  # (as forward computes it)
         with torch.no_grad():
             if self.learned:
                 return self.grid().quantize(tanh(w))
@@ -251,6 +255,7 @@ class DoReFaActivationQuantizer(Quantizer):
         self._s = self.scale.item()
         self._inv = f32(1.0 / self._s)
 
+    @float32_codes
     def forward(self, x: Tensor) -> Tensor:
         if on_host(x):
             return clipped_fake_quantize_scalar(x, self._s, self._inv, self.qmin, self.qmax)

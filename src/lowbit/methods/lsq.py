@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
-from ..fake_quant import MIN_SCALE, AffineGrid, affine_qparams, exact_div, fusable, lsq_fake_quantize, qrange
+from ..fake_quant import (MIN_SCALE, AffineGrid, affine_qparams, exact_div, float32_codes, fusable, lsq_fake_quantize,
+                          qrange)
 from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward,
                    is_bool, member, one_of, register_method)
 
@@ -161,6 +162,7 @@ class LSQQuantizer(Quantizer):
         self.initialized.fill_(True)
         self._initialized = True
 
+    @float32_codes
     def forward(self, x: Tensor) -> Tensor:
         if not self._initialized and bool(self.initialized):  # the buffers were written in place (a copy)
             self._sync()
