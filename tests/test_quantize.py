@@ -289,6 +289,21 @@ def test_fold_after_quant_start_step_holds_the_quantized_weights():
     assert torch.equal(plain(x), model(x))
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_fold_is_exact_for_non_contiguous_inputs_without_gradients(bias):
+    # PyTorch folds a non-contiguous N-D input into one product only where an operand requires a
+    # gradient: the folded layer's weight does, the wrapper's no_grad quantized weight did not
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5, bias=bias))
+    lowbit.quantize(model, [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}], "qat")
+    model.eval()
+    plain = lowbit.fold(model)
+    x = torch.randn(3, 4, 2, 6).permute(0, 2, 3, 1)  # NCHW -> NHWC
+    for mode in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(model(x), plain(x)), mode
+
+
 def _pickled(model):
     buf = io.BytesIO()
     torch.save(model, buf)

@@ -96,7 +96,7 @@ class QuantWrapper(nn.Module):
             if y is None:
                 if iq is not None:
                     x = iq(x)
-                y = F.linear(x, w, bias) if self._is_linear else m._conv_forward(x, w, bias)
+                y = _linear(x, w, bias, weight) if self._is_linear else m._conv_forward(x, w, bias)
         oq, gq = member(self, "output_quantizer"), member(self, "grad_quantizer")
         if oq is not None:
             y = oq(y)
@@ -182,6 +182,18 @@ class QuantWrapper(nn.Module):
         if self.grad_quantizer is not None:
             parts.append(f"gradient={self.grad_quantizer.bits}b")
         return ", ".join(parts)
+
+
+def _linear(x: Tensor, w: Tensor, bias: Tensor | None, weight: Tensor) -> Tensor:
+    """``F.linear(x, w, bias)`` computed the way the plain layer, with its float ``weight``, would
+    compute it: for an input of 3+ dims whose batch dims are not contiguous, PyTorch folds them into
+    one matrix product only where an operand requires a gradient — the layer's weight does; a
+    quantized weight computed under ``no_grad`` does not — and the two ways differ in the last bits
+    (a folded model, ``lowbit.fold``, would then not reproduce the wrapper's output exactly)."""
+    if x.dim() > 2 and weight.requires_grad and not w.requires_grad and not x.requires_grad and not x.is_contiguous():
+        y = x.reshape(-1, x.shape[-1]).mm(w.t()).view(*x.shape[:-1], w.shape[0])
+        return y if bias is None else y.add_(bias)
+    return F.linear(x, w, bias)
 
 
 def module_names(model: nn.Module) -> dict[int, list[str]]:
