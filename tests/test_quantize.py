@@ -7,6 +7,7 @@ import contextlib
 import copy
 import io
 import json
+import warnings
 
 import pytest
 import torch
@@ -136,6 +137,20 @@ def test_lbfgs_is_refused_before_the_model_changes():
         lowbit.quantize(model, cfg(), "lsq", optimizer=opt)
     assert not quantized_layers(model) and len(opt.param_groups) == 1
     lowbit.quantize(model, cfg(), "qat", optimizer=opt)  # (no parameters to add: nothing in the way)
+
+
+def test_a_scheduler_built_before_quantize_is_warned_about():
+    model = VAE()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)  # (it would fail on the new group)
+    with pytest.warns(UserWarning, match="scheduler was built on this optimizer before lowbit.quantize.*after lowbit.quantize"):
+        lowbit.quantize(model, cfg(), "lsq", optimizer=opt)
+    other = VAE()
+    opt = torch.optim.SGD(other.parameters(), 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.quantize(other, cfg(), "lsq", optimizer=opt)  # (none yet: no warning)
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)
 
 
 @pytest.mark.parametrize("method, options", [("qat", {}), ("dorefa", {"dorefa_variant": "scaled"}), ("ptq", {})])

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -86,6 +87,14 @@ def quantize(
     if new:
         param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         optimizer.add_param_group(quantizer_param_group(optimizer, new, [param_name[id(p)] for p in new]))
+        if hasattr(optimizer.step, "_wrapped_by_lr_sched"):  # (how an LRScheduler marks its optimizer)
+            warnings.warn(
+                f"an LR scheduler was built on this optimizer before lowbit.quantize, which has just added a group "
+                f"of {len(new)} quantizer parameters that the scheduler never saw: some schedulers fail on it "
+                "(LambdaLR, CyclicLR: ValueError; OneCycleLR: KeyError), some schedule it differently from the "
+                "others (LinearLR). Build the scheduler after lowbit.quantize",
+                stacklevel=2,
+            )
     return model
 
 
