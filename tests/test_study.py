@@ -222,6 +222,19 @@ def test_resume_checks_the_weights_and_an_interrupted_rerun_drops_the_old_record
     assert _finished(tmp_path / "fp32", key) is None
     weights.write_bytes(good)
     assert _finished(tmp_path / "fp32", key) is not None
+    # so is its optimizer state, which the runs started from it continue
+    opt_file = tmp_path / "fp32" / "optimizer.safetensors"
+    opt_state = opt_file.read_bytes()
+    opt_file.write_bytes(opt_state[:-8] + bytes(8))
+    assert _finished(tmp_path / "fp32", key) is None
+    opt_file.unlink()
+    assert _finished(tmp_path / "fp32", key) is None
+    quick = RunSpec(name="q", epochs=1, batch_size=64, iwae_k=0, method="qat", config_list=[
+        {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}])
+    with pytest.raises(CheckpointError, match="has no optimizer state .optimizer.safetensors.*retrain that run"):
+        run_experiment(quick, train, test, tmp_path / "q", init=tmp_path / "fp32", progress=False)
+    opt_file.write_bytes(opt_state)
+    assert _finished(tmp_path / "fp32", key) is not None
     # a run with other settings started in that folder and killed before it finished: the old
     # record must not stay beside files that are no longer its own
     ptq = RunSpec(name="ptq", epochs=1, batch_size=64, iwae_k=0, method="ptq", config_list=[

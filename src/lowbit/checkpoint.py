@@ -40,6 +40,7 @@ __all__ = [
     "save_optimizer",
     "load_optimizer",
     "weights_digest",
+    "optimizer_digest",
     "WEIGHTS",
     "META",
 ]
@@ -164,7 +165,16 @@ def _rebuild_digest(model_spec: Any, quant: Any) -> str:
 
 def weights_digest(run_dir: str | os.PathLike) -> str | None:
     """SHA-256 of the run's weights file, or None when it has none."""
-    path = Path(run_dir) / WEIGHTS
+    return file_digest(Path(run_dir) / WEIGHTS)
+
+
+def optimizer_digest(run_dir: str | os.PathLike) -> str | None:
+    """SHA-256 of the run's optimizer state file, or None when it has none."""
+    return file_digest(Path(run_dir) / OPTIMIZER)
+
+
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of the file at ``path``, or None when there is none."""
     if not path.is_file():
         return None
     h = hashlib.sha256()
@@ -259,7 +269,8 @@ def load_optimizer(run_dir: str | os.PathLike, optimizer: torch.optim.Optimizer)
         return False
     from safetensors import safe_open
 
-    fix = "retrain the run it belongs to, or delete the file to start from a fresh optimizer"
+    # (no "start afresh": a run continues its starting run's Adam, as the reference protocol does)
+    fix = "retrain the run it belongs to"
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from . import __version__, kernels
-from .checkpoint import CheckpointError, load_optimizer, load_state, save_optimizer, save_run, weights_digest, write_json
+from .checkpoint import (OPTIMIZER, CheckpointError, load_optimizer, load_state, optimizer_digest, save_optimizer, save_run,
+                         weights_digest, write_json)
 from .models import build_model
 from .train import EvalResult, evaluate, fit, make_optimizer, time_eval
 
@@ -198,7 +199,10 @@ def run_experiment(
     model.to(device)  # before quantizing: the quantizers' state is made on the model's device
     optimizer = make_optimizer(model, spec.lr)
     if init is not None:
-        load_optimizer(init, optimizer)
+        if not load_optimizer(init, optimizer):
+            raise CheckpointError(
+                f"{init} has no optimizer state ({OPTIMIZER}): a run started from it continues its Adam state, as "
+                "the reference protocol does (a fresh optimizer would be another experiment); retrain that run")
         if before is None:
             before = _measure(model, test_images, spec)
     printout_before = str(model)
@@ -242,6 +246,7 @@ def run_experiment(
     save_run(out_dir, model, model_spec=spec.model, quant=quant, extra={"key": record["key"], "seed": spec.seed})
     save_optimizer(out_dir, optimizer)
     record["weights_sha256"] = weights_digest(out_dir)  # a resumed study checks the weights are these
+    record["optimizer_sha256"] = optimizer_digest(out_dir)  # (and the state a later run continues)
     write_json(out_dir / RECORD, record)  # written last: its presence marks the run finished
     return record
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, ensure_dir, read_json, weights_digest, write_json
+from .checkpoint import CheckpointError, ensure_dir, optimizer_digest, read_json, weights_digest, write_json
 from .experiment import EVAL_FIELDS, RECORD, RunSpec, check_device, machine_info, reevaluate, run_experiment
 from .methods import get_method
 from .presets import REFERENCE, reference_config
@@ -162,8 +162,9 @@ def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
 
 
 def _finished(folder: Path, key: str) -> dict | None:
-    """The run's record if it finished with this exact configuration and its weights are the
-    ones it saved (records before 0.3.5 hold no digest: their weights must exist), else None."""
+    """The run's record if it finished with this exact configuration and its weights and optimizer
+    state (which the runs started from it continue) are the ones it saved, else None (records
+    before 0.3.5 hold no digest: their weights must exist; before 0.3.7, none of the optimizer's)."""
     path = folder / RECORD
     if not path.is_file():
         return None
@@ -174,11 +175,14 @@ def _finished(folder: Path, key: str) -> dict | None:
     if not isinstance(record, dict) or record.get("key") != key or "after" not in record:
         return None
     digest = weights_digest(folder)
-    if digest is None or record.get("weights_sha256", digest) != digest:
+    damaged = "weights" if digest is None or record.get("weights_sha256", digest) != digest else None
+    if damaged is None and "optimizer_sha256" in record and optimizer_digest(folder) != record["optimizer_sha256"]:
+        damaged = "optimizer state"
+    if damaged is not None:
         from .progress import console
 
-        console.print(f"[yellow]{folder}: its weights are missing or not the ones its record was made with; "
-                      "redoing that run[/yellow]")
+        console.print(f"[yellow]{folder}: its {damaged} {'is' if damaged != 'weights' else 'are'} missing or not the "
+                      "ones its record was made with; redoing that run[/yellow]")
         return None
     return record
 
