@@ -523,3 +523,45 @@ def test_int8_activation_codes_for_runtimes_that_want_them(tmp_path):
     x, eps = _images(200, 3), eval_eps(200, 20)
     out = rt.load_session(path, precision="exact").run(x.numpy(), eps.numpy())
     assert abs(_loss(out, x) - _loss(_sim(m, x, eps), x)) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_in_another_float_dtype_exports_from_its_own_example_inputs(tmp_path, dtype):
+    # (the export traces a float32 copy: examples in the model's own dtype met float32 weights,
+    # "mat1 and mat2 must have the same dtype", uncaught)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(11, 9), nn.ReLU(), nn.Linear(9, 4)).to(dtype)
+    lowbit.quantize(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "ptq")
+    x = torch.randn(16, 11, dtype=dtype)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    path = lowbit.export(model, tmp_path / "m.onnx", example_inputs=x[:2], bias="float")
+    y = rt.load_session(path).run(x.float().numpy())[0]
+    with torch.no_grad():
+        ref = model(x).float().numpy()
+    # float64 computes as the float32 graph does; half precision rounds its own products
+    assert np.abs(y - ref).max() <= (1e-6 if dtype == torch.float64 else 1e-2)
+
+
+def test_a_compiled_model_exports_as_the_model_it_wraps(tmp_path):
+    model = nn.Sequential(nn.Linear(11, 4))
+    lowbit.quantize(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "qat")
+    model(torch.randn(8, 11))
+    model.eval()
+    a = lowbit.export(torch.compile(model), tmp_path / "compiled.onnx", example_inputs=torch.randn(2, 11))
+    b = lowbit.export(model, tmp_path / "plain.onnx", example_inputs=torch.randn(2, 11))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_an_unwritable_or_empty_path_is_an_export_error(tmp_path):
+    model = nn.Sequential(nn.Linear(11, 4))
+    lowbit.quantize(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "qat")
+    model(torch.randn(8, 11))
+    model.eval()
+    with pytest.raises(ExportError, match="'' is no file name; give a file name"):  # (a Path('') is '.')
+        lowbit.export(model, "", example_inputs=torch.randn(2, 11))
+    if os.path.isdir("/proc"):  # (root may "write" there by os.access, and creating a file fails)
+        with pytest.raises(ExportError, match=r"(cannot write /proc/m.onnx: |/proc is not writable).*choose another"):
+            lowbit.export(model, "/proc/m.onnx", example_inputs=torch.randn(2, 11))
+    with pytest.raises(ExportError, match="names no file; give a file name"):
+        export_run(tmp_path, "")

@@ -90,11 +90,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
     readers see the old file or the new one, never half of one.  The file gets the usual
     permissions (0666 less the umask), not the temporary file's private 0600."""
+    given = str(path)
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder; give a file name")
+    if not given or not path.name or path.is_dir():
+        raise CheckpointError(f"{given!r} is {'a folder' if given and path.is_dir() else 'no file name'}; give a file name")
     folder = ensure_dir(path.parent if str(path.parent) else ".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:  # (a folder that says it is writable and is not: /proc, a read-only mount)
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another folder") from e
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -102,8 +106,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # (a full disk, a file system that refuses the name)
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another folder") from e
         raise
     return path
 

@@ -69,6 +69,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
 
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if not Path(out).name:
+        raise ExportError(f"{str(out)!r} names no file; give a file name (e.g. model.onnx)")
     model = load_model(run_dir)
     out = Path(out)
     if _is_vae(model):

@@ -837,6 +837,7 @@ def export_onnx_bytes(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if bias not in BIAS_MODES:
         raise ExportError(f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the model it compiles
     # everything on a CPU copy: a model trained on a GPU exports as it is, and stays where it was
     work = copy.deepcopy(model).cpu()
     plans = plan_layers(work, format, activations)
@@ -858,7 +859,10 @@ def export_onnx_bytes(
     else:
         if isinstance(example_inputs, Tensor):  # one input given bare: model(x), not model(*x)
             example_inputs = (example_inputs,)
-        traced, args = work, tuple(t.cpu() if isinstance(t, Tensor) else t for t in example_inputs)
+        # (the copy is float32, and so are the exported graph's inputs: a float16/bfloat16/float64
+        # example is traced as the float32 tensor the graph will take)
+        traced, args = work, tuple((t.cpu().float() if t.is_floating_point() else t.cpu()) if isinstance(t, Tensor) else t
+                                   for t in example_inputs)
         in_names = list(input_names or [f"input{i}" if i else "x" for i in range(len(args))])
         out_names = list(output_names or [])
         if not out_names:
@@ -939,10 +943,10 @@ def export(
     data = export_onnx_bytes(model, format, example_inputs=example_inputs, input_names=input_names,
                              output_names=output_names, vae_graph=vae_graph, dynamic_batch=dynamic_batch,
                              activations=activations, bias=bias)
-    return _atomic_write(Path(path), data)
+    return _atomic_write(path, data)
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+def _atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     """Write atomically (see :func:`lowbit.checkpoint.atomic_write_bytes`); errors as ExportError."""
     from ..checkpoint import CheckpointError, atomic_write_bytes
 
