@@ -171,6 +171,31 @@ def test_weights_and_meta_vouch_for_each_other(tmp_path):
         load_model(damaged)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("quant", "qat", "'quant' must be null or"),
+    ("quant", {"config_list": []}, "'quant' must be null or"),
+    ("model", "vae", "'model' must be"),
+    ("model", {"name": "vae", "kwargs": [1]}, "'model' must be"),
+    ("quant.options", [1], "'quant'.options must be an object"),
+])
+def test_a_malformed_meta_entry_is_named(tmp_path, field, value, message):
+    # a run saved before 0.3.5 (no digests) is read unchecked: its meta.json's shape is checked
+    # (AttributeError / KeyError tracebacks before)
+    from safetensors.torch import load_file, save_file
+
+    run = _two_runs(tmp_path)[4]
+    save_file(load_file(run / "model.safetensors"), run / "model.safetensors")  # (no digest header)
+    meta = json.loads((run / "meta.json").read_text())
+    del meta["weights_sha256"]
+    if "." in field:
+        meta["quant"][field.split(".")[1]] = value
+    else:
+        meta[field] = value
+    (run / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"meta.json: {message}.*restore it or retrain the run"):
+        load_model(run)
+
+
 def test_truncated_or_foreign_optimizer_state_is_reported(tmp_path, tiny_images):
     model = VAE()
     opt = make_optimizer(model)

@@ -202,6 +202,7 @@ def load_state(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     meta = read_json(run_dir / META)
     if not isinstance(meta, dict):
         raise CheckpointError(f"{run_dir / META} is not a JSON object (found a {type(meta).__name__}); restore it or retrain the run")
+    _check_meta_fields(meta, run_dir / META)
     want = meta.get("weights_sha256")
     if want is not None and weights_digest(run_dir) != want:
         raise CheckpointError(f"{weights} is not the file this run saved (its SHA-256 differs from {META}'s "
@@ -217,6 +218,25 @@ def load_state(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         raise CheckpointError(f"{run_dir / META} does not describe the model in {WEIGHTS} (its model or quant "
                               "entry was edited, or the files come from different runs); restore it or retrain the run")
     return state, meta
+
+
+def _check_meta_fields(meta: dict, path: Path) -> None:
+    """The shape of the meta entries that rebuild the model (a run saved before 0.3.5 has no
+    digest to catch an edit): ``model`` ``{"name": str, "kwargs": dict}``, ``quant`` null or
+    ``{"method": str, "config_list": list, "options": dict, "method_defaults": dict}``."""
+    fix = "restore it or retrain the run"
+    model, quant = meta.get("model"), meta.get("quant")
+    if model is not None and not (isinstance(model, dict) and isinstance(model.get("name", ""), str)
+                                  and isinstance(model.get("kwargs", {}), dict)):
+        raise CheckpointError(f"{path}: 'model' must be {{\"name\": ..., \"kwargs\": {{...}}}}, found {model!r}; {fix}")
+    if quant is None or quant == {}:
+        return
+    if not isinstance(quant, dict) or not isinstance(quant.get("method"), str) or not isinstance(quant.get("config_list"), list):
+        raise CheckpointError(f"{path}: 'quant' must be null or {{\"method\": ..., \"config_list\": [...], ...}}, "
+                              f"found {quant!r}; {fix}")
+    for key in ("options", "method_defaults"):
+        if not isinstance(quant.get(key, {}), dict):
+            raise CheckpointError(f"{path}: 'quant'.{key} must be an object, found {quant[key]!r}; {fix}")
 
 
 def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
