@@ -126,6 +126,7 @@ def test_unquantized_model_benches_float_rows_only():
     r = _small(VAE().eval(), gpu=False)
     assert r.row(bench.ORT_INT8).skipped and r.row(bench.SIM) is None
     assert r.row(bench.ORT_FP32).loss == pytest.approx(r.row(bench.EAGER).loss, abs=1e-3)
+    assert r.gemm["kernel_used"] is None  # (no int8 model: none is said to have used u8s8)
 
 
 def test_bench_run_and_cli(tmp_path, monkeypatch):

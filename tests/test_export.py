@@ -565,3 +565,14 @@ def test_an_unwritable_or_empty_path_is_an_export_error(tmp_path):
             lowbit.export(model, "/proc/m.onnx", example_inputs=torch.randn(2, 11))
     with pytest.raises(ExportError, match="names no file; give a file name"):
         export_run(tmp_path, "")
+
+
+def test_dorefa_paper_weights_are_refused_naming_the_variant(tmp_path):
+    # its 4-bit weights sit on the odd codes [-15, 15]: "quantize the weights to 4 bits" was no fix
+    model = nn.Sequential(nn.Linear(11, 4))
+    lowbit.quantize(model, [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}], "dorefa",
+                    dorefa_variant="paper")
+    model.eval()
+    with pytest.raises(ExportError, match=r"codes \[-15, 15\].*paper variant.*dorefa_variant=learned.*--format onnx-int8"):
+        lowbit.export(model, tmp_path / "m.onnx", "onnx-int4", example_inputs=torch.randn(2, 11))
+    lowbit.export(model, tmp_path / "m.onnx", "onnx-int8", example_inputs=torch.randn(2, 11))

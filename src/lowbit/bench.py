@@ -202,8 +202,8 @@ class BenchResult:
         if g.get("ratio_u8s8"):
             lines += ["", f"int8/fp32 GEMM ratio on this machine (the model's layer shapes at batch "
                           f"{g.get('batch')}, ONNX Runtime MatMulInteger vs torch.mm fp32, {g.get('threads')} "
-                          f"thread): u8×s8 {g['ratio_u8s8']:.2f}x, u8×u8 {g['ratio_u8u8']:.2f}x; the int8 "
-                          f"model used {g.get('kernel_used')}."]
+                          f"thread): u8×s8 {g['ratio_u8s8']:.2f}x, u8×u8 {g['ratio_u8u8']:.2f}x"
+                          + (f"; the int8 model used {g['kernel_used']}." if g.get("kernel_used") else ".")]
         lines += ["", f"GPU: {self.gpu.get('status')}"]
         checks = self.checks()
         if checks:
@@ -246,7 +246,8 @@ class BenchResult:
         g = self.gemm
         if g.get("ratio_u8s8"):
             console.print(f"int8/fp32 GEMM ratio here: u8×s8 {g['ratio_u8s8']:.2f}x, u8×u8 {g['ratio_u8u8']:.2f}x "
-                          f"(model shapes, batch {g.get('batch')}); int8 model used {g.get('kernel_used')}")
+                          f"(model shapes, batch {g.get('batch')})"
+                          + (f"; int8 model used {g['kernel_used']}" if g.get("kernel_used") else ""))
         console.print(f"GPU: {self.gpu.get('status')}")
         checks = self.checks()
         if checks:
@@ -613,7 +614,7 @@ def bench_model(
         if _quant_layers(m4):
             files["int4"], err = do_export(m4, "onnx-int4", "int4")
             if err:
-                if "cannot hold without re-quantizing" in err:
+                if "cannot hold without re-quantizing" in err and "paper variant" not in err:
                     err = ("the run's weights are wider than 4 bits and lowbit never re-quantizes at export; "
                            "bench a run quantized to <= 4-bit weights (int4_run_dir / --int4-run)")
                 rows.append(BenchRow(ORT_INT4, "onnxruntime", skipped=err))
@@ -661,9 +662,10 @@ def bench_model(
         gemm = _gemm_summary({k: statistics.median(v) for k, v in tb.items() if k.startswith("gemm/")},
                              shapes, batch, threads)
         i8 = next((r for r in rows if r.name == ORT_INT8 and not r.skipped), None)
-        used = "u8u8" if (i8 and i8.kernel and i8.kernel.startswith("u8u8")) else "u8s8"
+        # (no int8 row, a float run: no kernel to name)
+        used = None if i8 is None else "u8u8" if (i8.kernel and i8.kernel.startswith("u8u8")) else "u8s8"
         gemm["kernel_used"] = used
-        gemm["ratio_used"] = gemm[f"ratio_{used}"]
+        gemm["ratio_used"] = gemm.get(f"ratio_{used}") if used else None
         gpu_rows, gpu_info = ([], {"status": "not requested"})
         if gpu:
             gpu_rows, gpu_info = _gpu_rows(files.get("fp32"), files.get("int8"), fmodel, x, eps, batch, repeats,

@@ -302,8 +302,14 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
             lo, hi = (-8, 7) if fmt == "onnx-int4" else (-128, 127)
             off = _fit_codes(g.qmin, g.qmax, lo, hi)
             if off is None:
-                hint = ("export with --format onnx-int8, or quantize the weights to 4 bits"
-                        if fmt == "onnx-int4" else "quantize the weights to at most 8 bits")
+                if getattr(wq, "variant", None) == "paper":  # (2q - 1: b-bit weights on 2^(b+1) - 1 odd codes)
+                    hint = ("DoReFa's paper variant puts b-bit weights on the odd codes of 2q - 1, one bit wider; "
+                            "train with dorefa_variant=learned (the default) or scaled"
+                            + (", or export with --format onnx-int8" if fmt == "onnx-int4" and g.qmax <= 127 else ""))
+                elif fmt == "onnx-int4":
+                    hint = "export with --format onnx-int8, or quantize the weights to 4 bits"
+                else:
+                    hint = "quantize the weights to at most 8 bits"
                 raise ExportError(
                     f"layer {name!r}: its weights use {weight_bits}-bit codes [{g.qmin}, {g.qmax}], which "
                     f"{fmt} cannot hold without re-quantizing (lowbit never re-quantizes at export); {hint}"
