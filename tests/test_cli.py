@@ -75,6 +75,8 @@ def test_study_defaults_match_the_reference_protocol():
     assert cfg.epochs == cfg.finetune_epochs == 10 and cfg.seeds == 1 and cfg.ptq and cfg.control
     quick = StudyConfig.from_args(build_parser().parse_args(["study", "--quick"]))
     assert quick.epochs == quick.finetune_epochs == 1
+    twice = StudyConfig.from_args(build_parser().parse_args(["study", "--methods", "qat,LSQ,qat, lsq"]))
+    assert twice.methods == ("qat", "lsq")  # (each planned once: it resumed "5 runs" for 2)
 
 
 def test_options_are_parsed_as_json_values_and_reach_the_study():

@@ -76,7 +76,8 @@ class StudyConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
-        methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
+        # (a method named twice is studied once: dict keeps the first of each, in order)
+        methods = tuple(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
         ptq = not args.no_ptq
         if "ptq" in methods:  # asked for explicitly: it is planned once per bit width either way
             methods = tuple(m for m in methods if m != "ptq")
