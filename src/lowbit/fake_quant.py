@@ -503,6 +503,8 @@ class _GradQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         levels = (1 << ctx.bits) - 1
+        dtype = g.dtype
+        g = wide(g)  # (in bfloat16 the sum below rounds before the stochastic rounding: biased)
         if g.dim() > 1:
             m = g.abs().amax(dim=tuple(range(1, g.dim())), keepdim=True)
         else:
@@ -511,7 +513,7 @@ class _GradQuant(torch.autograd.Function):
         noise = torch.rand(g.shape, dtype=g.dtype, device=g.device, generator=ctx.generator) - 0.5
         v = g / (2 * m) + 0.5 + noise / levels
         q = torch.round(v * levels).clamp_(0, levels) / levels
-        return 2 * m * (q - 0.5), None, None
+        return (2 * m * (q - 0.5)).to(dtype), None, None
 
 
 def quantize_gradient(x: Tensor, bits: int, generator: torch.Generator | None = None) -> Tensor:
