@@ -158,6 +158,17 @@ def test_checksum_mismatch_is_reported(tmp_path, synth):
         data.load_dataset("mnist", "train", write(tmp_path, files), download=False)
 
 
+def test_an_intact_file_of_another_data_set_is_named_not_called_damaged(tmp_path, synth, monkeypatch):
+    # (MNIST's files met while looking for Fashion-MNIST were "damaged ... delete it")
+    monkeypatch.setattr(data, "_SYSTEM_DIRS", {k: [] for k in data._SYSTEM_DIRS})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = write(tmp_path / "mnist", synth)
+    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz is mnist's t10k-labels-idx1-ubyte "
+                                             r"\(intact\), not fashion-mnist's\. Fix: point lowbit at a folder "
+                                             r"holding fashion-mnist .*keep this file"):
+        data.load_dataset("fashion-mnist", "test", folder, download=False, progress=False)
+
+
 def test_missing_files_offline(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load_dataset("fashion-mnist", "train", tmp_path / "nowhere", progress=False)

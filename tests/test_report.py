@@ -13,7 +13,7 @@ def _records(cfg: StudyConfig, losses: dict[str, list[float]]) -> dict[str, dict
     records = {}
     for run in plan_runs(cfg):
         name = run.folder.split("/", 1)[1]
-        loss = losses[name][run.spec.seed]
+        loss = losses[name][int(run.folder.split("/", 1)[0][len("seed"):])]  # (the study seed, not the run's)
         calib = None
         if run.spec.method:
             layers = ["fc1", "fc21", "fc22", "fc3", "fc4"] if run.spec.method == "dorefa" else ["fc1", "fc21", "fc22", "fc3"]
@@ -43,6 +43,21 @@ def test_summary_ranks_methods_and_flags_different_configs():
     assert abs(cells["lsq-w4"]["vs_control"]["mean"] - 3.1333333) < 1e-6
     assert "vs_control" not in cells["ptq-w4"]  # PTQ has no fine-tuning budget to compare
     assert cells["dorefa-w4"]["reference"] == 106.02 and cells["ptq-w4"]["reference"] is None
+
+
+def test_the_reference_preset_counts_study_seeds_not_its_baselines_training_seeds(tmp_path):
+    # (each run's own baseline trains with a seed of its own: "95% CI over 7 seeds" for 2 seeds)
+    cfg = StudyConfig(methods=("dorefa", "lsq"), bits=(4,), seeds=2, deploy=False, ptq=False, preset="reference")
+    losses = {"fp32-control-baseline": [105.0, 105.2], "dorefa-w4-baseline": [105.1, 104.9],
+              "lsq-w4-baseline": [105.3, 105.0], "fp32-control": [104.0, 104.1], "dorefa-w4": [106.0, 106.3],
+              "lsq-w4": [107.0, 107.1]}
+    summary = summarize(cfg, plan_runs(cfg), _records(cfg, losses))
+    assert summary["seeds"] == 2
+    assert "over 2 seeds" in " ".join(summary["text"])
+    one = StudyConfig(methods=("lsq",), bits=(4,), seeds=1, deploy=False, ptq=False)
+    text = " ".join(summarize(one, plan_runs(one), _records(one, {"fp32-baseline": [105.0], "fp32-control": [104.0],
+                                                                   "lsq-w4": [106.1]}))["text"])
+    assert "the fine-tuned 4-bit run (lsq-w4) differs by +2.10 nats" in text  # (not "+2.10 (lsq-w4) to +2.10")
 
 
 def test_terminal_table_shows_the_reference_figure(capsys):

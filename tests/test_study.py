@@ -140,7 +140,9 @@ def test_quick_study_end_to_end(tmp_path, mnist):
     for section in ("## Summary", "## Test loss", "equal-budget fp32 control", "## Model printout",
                     "## Calibration configs", "## Figures", "## Model size"):
         assert section in report, section
-    assert "Δ vs reference" in report and "| 106.02 |" in report  # dorefa C1's published figure, quoted
+    # the reference study's figures are for 10 + 10 epochs: a quick study's 1 + 1 is not compared with them
+    assert "Δ vs reference" in report and "| 106.02 |" not in report
+    assert "left out here: this study trained 1 + 1 epochs, the reference 10 + 10" in report
     for fig in ("reconstructions.png", "samples.png", "loss_vs_bits.png"):
         assert (out / fig).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())

@@ -189,6 +189,10 @@ def read_idx(path: str | os.PathLike, magic: int | None = None) -> np.ndarray:
 def _verify(name: str, base: str, data: bytes, path: Path) -> None:
     got = hashlib.md5(data, usedforsecurity=False).hexdigest()
     if got != _MD5[name][base]:
+        other = next((o for o, sums in _MD5.items() if o != name and sums.get(base) == got), None)
+        if other is not None:  # an intact file of another data set: nothing to delete
+            raise ChecksumError(f"{path} is {other}'s {base} (intact), not {name}'s. Fix: point lowbit at a "
+                                f"folder holding {name} (--data-dir or LOWBIT_DATA_DIR); keep this file.")
         raise ChecksumError(f"{path}: decompressed MD5 {got} is not the {name} {base} checksum "
                             f"{_MD5[name][base]}; the file is damaged or from another dataset. "
                             f"Fix: delete it (it is re-downloaded) or point lowbit at the right folder.")

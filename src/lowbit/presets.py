@@ -11,7 +11,7 @@ import copy
 import json
 from pathlib import Path
 
-__all__ = ["REFERENCE", "REFERENCE_LOSS", "reference_loss", "reference_config", "resolve_config", "METHOD_QUANT_TYPES"]
+__all__ = ["REFERENCE", "REFERENCE_LOSS", "REFERENCE_EPOCHS", "reference_loss", "reference_config", "resolve_config", "METHOD_QUANT_TYPES"]
 
 #: The six config lists of SEED_STUDY.md, as the reference study wrote them.
 REFERENCE: dict[tuple[str, str], list[dict]] = {
@@ -40,10 +40,16 @@ REFERENCE_LOSS: dict[tuple[str, str], tuple[float, float]] = {
 }
 
 
-def reference_loss(method: str | None, config_list: list | None, dataset: str = "mnist") -> float | None:
+#: the reference protocol's training: 10 fp32 epochs, then 10 with the quantizers
+REFERENCE_EPOCHS = (10, 10)
+
+
+def reference_loss(method: str | None, config_list: list | None, dataset: str = "mnist",
+                   epochs: tuple[int, int] = REFERENCE_EPOCHS) -> float | None:
     """The reference study's loss after fine-tuning for this exact config list (one of its six,
-    on MNIST), or None."""
-    if dataset != "mnist" or method is None:
+    on MNIST) after as many epochs (``(fp32, fine-tuning)``), or None: a run trained otherwise is
+    not comparable with it (a ``--quick`` study's 1 + 1 epochs lie nats above it)."""
+    if dataset != "mnist" or method is None or tuple(epochs) != REFERENCE_EPOCHS:
         return None
     for (m, c), cfg in REFERENCE.items():
         if m == method and cfg == config_list:

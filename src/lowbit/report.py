@@ -9,7 +9,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .presets import reference_loss
+from .presets import REFERENCE_EPOCHS, reference_loss
 
 __all__ = ["print_run_table", "fmt"]
 
@@ -74,7 +74,9 @@ def paired_stats(values: list[float]) -> dict[str, Any]:
 
 def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
     """Cells (method x bits) with per-seed losses, mean ± std, differences to the fp32 control."""
-    seeds = sorted({r.spec.seed for r in plan if r.kind == "baseline"} | {r.spec.seed for r in plan})
+    # the study's seeds are its seedN folders (preset reference trains each run's own baseline with a
+    # seed of its own, which is no study seed: counted as one, an interval over 2 was said to be over 7)
+    seeds = {r.folder.split("/", 1)[0] for r in plan}
     by_cell: dict[str, dict[str, Any]] = {}
     for run in plan:
         rec = records.get(run.folder)
@@ -103,7 +105,8 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         row["size"] = runs[0][1]["size_after"]
         row["quantizes"] = _quantizes(runs[0][1])
         spec = runs[0][1]["spec"]
-        row["reference"] = reference_loss(spec.get("method"), spec.get("config_list"), spec.get("dataset", "mnist"))
+        row["reference"] = reference_loss(spec.get("method"), spec.get("config_list"), spec.get("dataset", "mnist"),
+                                          (cfg.epochs, cfg.finetune_epochs))
         if runs[0][1]["before"] is not None:  # after - the fp32 model it started from, per seed
             row["vs_start"] = paired_stats([rec["after"]["loss"] - rec["before"]["loss"] for _, rec in runs])
         if control and cell is not control and cell["kind"] == "quantized":
@@ -174,8 +177,9 @@ def _summary_text(summary: dict, has_control: bool, has_baseline: bool) -> list[
                      if c["bits"] == bits and c.get("vs_control") and math.isfinite(c["vs_control"]["mean"])]
             if diffs:
                 lo, hi = min(diffs), max(diffs)
-                lines.append(f"Against the equal-budget fp32 control ({control['loss']['mean']:.2f} nats), the "
-                             f"fine-tuned {bits}-bit runs differ by {lo[0]:+.2f} ({lo[1]}) to {hi[0]:+.2f} ({hi[1]}) nats.")
+                head = f"Against the equal-budget fp32 control ({control['loss']['mean']:.2f} nats), the fine-tuned"
+                lines.append(f"{head} {bits}-bit run ({lo[1]}) differs by {lo[0]:+.2f} nats." if len(diffs) == 1 else
+                             f"{head} {bits}-bit runs differ by {lo[0]:+.2f} ({lo[1]}) to {hi[0]:+.2f} ({hi[1]}) nats.")
     for c in summary["cells"]:
         if c["kind"] == "ptq" and c.get("vs_start"):
             lines.append(f"PTQ at {c['bits']} bits (no training) costs {c['vs_start']['mean']:+.2f} nats against the "
@@ -331,7 +335,10 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
            "Loss = BCE + KL in nats per test image, fixed evaluation noise; *before* = the fp32 model the run "
            "starts from. Timings are this machine's (train s = all fine-tuning epochs; eval s = median of 3 passes "
            "over the 10,000 test images). *reference after*: the reference study's own figure for the same "
-           "config list (NNI, SEED_STUDY.md), and our loss minus it (negative = lowbit lower).", ""]
+           "config list (NNI, SEED_STUDY.md), and our loss minus it (negative = lowbit lower)"
+           + ("." if (cfg.epochs, cfg.finetune_epochs) == REFERENCE_EPOCHS else
+              f" — left out here: this study trained {cfg.epochs} + {cfg.finetune_epochs} epochs, the reference "
+              f"{REFERENCE_EPOCHS[0]} + {REFERENCE_EPOCHS[1]}, so their losses are not comparable."), ""]
     rows = []
     for run in runs0:
         if run.kind == "baseline":
@@ -345,15 +352,19 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
                      fmt(rec["after"]["eval_seconds_median3"], 3),
                      fmt(rec["before"]["loss"]) if rec["before"] else "—", fmt(rec["after"]["loss"]),
                      fmt(rec["after"]["iwae"])])
-        ref = reference_loss(run.spec.method, run.spec.config_list, run.spec.dataset)
+        ref = reference_loss(run.spec.method, run.spec.config_list, run.spec.dataset, (cfg.epochs, cfg.finetune_epochs))
         rows[-1] += [fmt(ref), f"{rec['after']['loss'] - ref:+.2f}"] if ref is not None else ["—", "—"]
     md.append(_md_table(["method", "config", "train s (baseline)", "eval s", "train s after", "eval s after",
                          "test loss", "loss after", "IWAE NLL after", "reference after", "Δ vs reference"], rows))
 
     md += ["", "## Against the equal-budget fp32 control, over seeds", "",
            "The reference compared 20 epochs of training (10 fp32 + 10 quantized) against 10 fp32 epochs. "
-           "Here every run is also compared with an fp32 model trained the same extra epochs from the same "
-           "baseline. Δ = loss − control loss per seed; with 2+ seeds, [95% CI] and * when the interval "
+           + ("Here every run is also compared with an fp32 model trained the same extra epochs from the same "
+              "baseline." if cfg.preset != "reference" else
+              "Here every run is also compared with an fp32 model trained the same extra epochs, each from a "
+              "baseline of its own (preset `reference`: every run starts from its own fp32 model, as in the "
+              "reference study), so Δ pairs runs by seed, not by starting model.")
+           + " Δ = loss − control loss per seed; with 2+ seeds, [95% CI] and * when the interval "
            "excludes 0 (the difference is larger than the seed-to-seed noise).", ""]
     rows = [[c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
              _diff(c.get("vs_start")), str(c["n"])] for c in summary["cells"]]
