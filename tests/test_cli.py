@@ -24,7 +24,9 @@ def test_help_lists_every_command(capsys):
     "argv, message",
     [(["train", "--epochs", "0"], "positive integer"), (["train", "--batch-size", "-3"], "positive integer"),
      (["train", "--dataset", "cifar"], "invalid choice"), (["study", "--bits", "8,0"], "1..16"),
-     (["study", "--seeds", "x"], "positive integer"), (["train", "--option", "dorefa_variant"], "KEY=VALUE")],
+     (["study", "--seeds", "x"], "positive integer"), (["train", "--option", "dorefa_variant"], "KEY=VALUE"),
+     (["train", "--lr", "-1"], "argument --lr: expected a positive number, got -1.0"),
+     (["train", "--lr", "0"], "argument --lr: expected a positive number, got 0.0")],
 )
 def test_bad_arguments_are_refused_with_a_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -252,3 +252,23 @@ def test_resume_checks_the_weights_and_an_interrupted_rerun_drops_the_old_record
     # a quantized run is not a starting point for another quantized run
     with pytest.raises(CheckpointError, match="is a quantized run .ptq.; start from a float run"):
         run_experiment(ptq, train, test, tmp_path / "again", init=tmp_path / "ptq", progress=False)
+
+
+def test_per_channel_studies_plan_weight_granularity_and_are_checked_before_training():
+    # (--granularity per_channel set it for the inputs too: every method refused it, after the
+    # baseline had trained)
+    from lowbit.config import ConfigError
+    from lowbit.experiment import RunSpec
+    from lowbit.study import PlannedRun, check_plan
+
+    cfg = StudyConfig(methods=("qat", "lsq"), bits=(8, 4), granularity="per_channel", deploy=False)
+    plan = plan_runs(cfg)
+    check_plan(plan)
+    lsq = next(r for r in plan if r.spec.method == "lsq")
+    assert lsq.spec.config_list[0]["granularity"] == {"weight": "per_channel"}
+    with pytest.raises(ValueError, match="DoReFa's weight grid is per layer.*leave dorefa out"):
+        StudyConfig(methods=("dorefa",), granularity="per_channel")
+    bad = PlannedRun(RunSpec(name="seed0/x", epochs=1, method="lsq", config_list=[
+        {"quant_types": ["input"], "quant_bits": 8, "op_types": ["Linear"], "granularity": "per_channel"}]), "seed0/x")
+    with pytest.raises(ConfigError, match="seed0/x: config_list.0.: lsq input quantization cannot be per_channel"):
+        check_plan([bad])

@@ -23,6 +23,16 @@ data: MNIST is read from --data-dir, else $LOWBIT_DATA_DIR, else the per-user ca
 """
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -94,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "it on the test set, print a table and save checkpoint + metrics.json in --out.")
     t.add_argument("--epochs", type=_positive_int, default=10, help="training epochs (default 10)")
     t.add_argument("--batch-size", type=_positive_int, default=128, help="batch size (default 128)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for shuffling and noise (default 0)")
     t.add_argument("--out", type=Path, default=Path("runs/fp32"), help="run folder to write (default runs/fp32)")
     t.add_argument("--iwae-k", type=int, default=64, help="samples for the IWAE bound, 0 to skip (default 64)")

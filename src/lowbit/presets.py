@@ -84,8 +84,8 @@ def reference_config(method: str, bits: int, layers: str = "reference", granular
         entry["op_types"] = ["Linear"]
     else:
         entry["op_names"] = VAE_LAYERS[:4]
-    if granularity:
-        entry["granularity"] = granularity
+    if granularity:  # (the weights': activations are per-tensor in every method)
+        entry["granularity"] = {"weight": granularity}
     entry.update(extra)
     return [entry]
 

@@ -64,6 +64,9 @@ class StudyConfig:
             raise ValueError(f"preset must be 'default' or 'reference', got {self.preset!r}")
         if self.iwae_k < 0:
             raise ValueError(f"iwae_k must be >= 0, got {self.iwae_k}")
+        if self.granularity == "per_channel" and "dorefa" in self.methods:
+            raise ValueError("DoReFa's weight grid is per layer (per-tensor only): study it without --granularity "
+                             "per_channel, or leave dorefa out of --methods")
         studied = list(self.methods) + (["ptq"] if self.ptq else [])
         for key in self.extra_options:
             if not any(key in get_method(m).options for m in studied):
@@ -162,6 +165,22 @@ def plan_runs(cfg: StudyConfig) -> list[PlannedRun]:
     return plan
 
 
+def check_plan(plan: list[PlannedRun]) -> None:
+    """Parse every planned run's config list against its model before anything trains (a config
+    the methods refuse used to stop the study after the baseline's training)."""
+    from .config import ConfigError, parse_config
+    from .models import build_model
+
+    for run in plan:
+        if run.spec.method is None:
+            continue
+        try:
+            parse_config(run.spec.config_list, build_model(run.spec.model["name"], **run.spec.model.get("kwargs", {})),
+                         run.spec.method, run.spec.options)
+        except ConfigError as e:
+            raise ConfigError(f"{run.folder}: {e}") from e
+
+
 def _finished(folder: Path, key: str) -> dict | None:
     """The run's record if it finished with this exact configuration and its weights and optimizer
     state (which the runs started from it continue) are the ones it saved, else None (records
@@ -212,6 +231,7 @@ def run_study(cfg: StudyConfig) -> dict[str, Any]:
 
     out = ensure_dir(cfg.out)
     plan = plan_runs(cfg)
+    check_plan(plan)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir, progress=cfg.progress)
     test = load_dataset(cfg.dataset, "test", cfg.data_dir, progress=cfg.progress)
     write_json(out / "study.json", {"config": _jsonable(cfg), "runs": [r.folder for r in plan],
