@@ -192,6 +192,21 @@ class Quantizer(nn.Module):
     def _sync(self) -> None:
         """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Quantizer":
+        # a model cast after quantizing (.half(), .to(torch.bfloat16), .double()) moves its weights,
+        # not its grids: scales and steps stay float32, as under autocast (a half-precision step
+        # moved codes off quantize_int's and the export's); device moves apply as usual
+        super()._apply(fn, recurse)
+        for p in self._parameters.values():
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        for name, b in self._buffers.items():
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                self._buffers[name] = b.float()
+        return self
+
     def _codes(self) -> tuple[int, int]:
         """This grid's ``(qmin, qmax)`` (``(0, 0)`` for a subclass that keeps none)."""
         return int(getattr(self, "qmin", 0)), int(getattr(self, "qmax", 0))
