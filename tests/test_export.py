@@ -176,12 +176,8 @@ def test_signed_and_narrow_activation_grids_and_output_quantizer(tmp_path):
     lowbit.calibrate(model, [x])
     model.eval()
     assert model[0].input_quantizer.grid().qmin < 0  # a signed grid really is exercised
-    for fmt in ("onnx-int8", "onnx-int4"):
-        if fmt == "onnx-int4":
-            with pytest.raises(ExportError, match="re-quantiz"):
-                lowbit.export(model, tmp_path / "m4.onnx", fmt, example_inputs=(x,))
-            continue
-        path = lowbit.export(model, tmp_path / "m.onnx", fmt, example_inputs=(x,))
+    for fmt in ("onnx-int8", "onnx-int4"):  # (int4: layer "2" packed, the 8-bit ones in int8)
+        path = lowbit.export(model, tmp_path / f"{fmt}.onnx", fmt, example_inputs=(x,))
         proto = onnx.load(path)
         assert any(n.op_type == "Clip" for n in proto.graph.node)
         q_zero_points = [i for i in proto.graph.initializer if i.name.endswith("/zero_point")]
@@ -576,3 +572,33 @@ def test_dorefa_paper_weights_are_refused_naming_the_variant(tmp_path):
     with pytest.raises(ExportError, match=r"codes \[-15, 15\].*paper variant.*dorefa_variant=learned.*--format onnx-int8"):
         lowbit.export(model, tmp_path / "m.onnx", "onnx-int4", example_inputs=torch.randn(2, 11))
     lowbit.export(model, tmp_path / "m.onnx", "onnx-int8", example_inputs=torch.randn(2, 11))
+
+
+def test_int4_keeps_8bit_layers_in_int8_in_a_mixed_precision_model(tmp_path):
+    # a first and last layer kept at 8 bits (common): onnx-int4 refused the whole model before
+    torch.manual_seed(0)
+
+    class CNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+            self.fc1, self.fc2 = nn.Linear(8 * 7 * 7, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = torch.max_pool2d(torch.relu(self.conv1(x)), 2)
+            x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
+            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    model = CNN()
+    lowbit.quantize(model, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear", "Conv2d"]},
+                            {"quant_types": ["weight", "input"], "quant_bits": 8, "op_names": ["conv1", "fc2"]}], "lsq")
+    model(torch.rand(16, 1, 28, 28))
+    model.eval()
+    x = torch.rand(32, 1, 28, 28)
+    path = lowbit.export(model, tmp_path / "m.onnx", "onnx-int4", example_inputs=x[:2], bias="float")
+    stored = {i.name.split("/")[0]: TensorProto.DataType.Name(i.data_type)
+              for i in onnx.load(str(path)).graph.initializer if i.name.endswith("/weight_q")}
+    assert stored == {"conv1": "INT8", "conv2": "INT4", "fc1": "INT4", "fc2": "INT8"}
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(rt.load_session(path).run(x.numpy())[0] - ref).max() < 1e-5  # (the codes, unchanged)

@@ -614,7 +614,7 @@ def bench_model(
         if _quant_layers(m4):
             files["int4"], err = do_export(m4, "onnx-int4", "int4")
             if err:
-                if "cannot hold without re-quantizing" in err and "paper variant" not in err:
+                if "never re-quantizes at export" in err and "paper variant" not in err:
                     err = ("the run's weights are wider than 4 bits and lowbit never re-quantizes at export; "
                            "bench a run quantized to <= 4-bit weights (int4_run_dir / --int4-run)")
                 rows.append(BenchRow(ORT_INT4, "onnxruntime", skipped=err))

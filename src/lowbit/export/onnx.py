@@ -222,6 +222,7 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
     if activations not in ("uint8", "int8"):
         raise ExportError(f"activations must be 'uint8' or 'int8', got {activations!r}")
     plans = []
+    wide: ExportError | None = None  # onnx-int4: the first layer whose weights only int8 holds
     layers = find_quantized_layers(model)
     if not layers and fmt != "onnx-fp32":
         raise ExportError(f"the model is not quantized, so {fmt} has nothing to store in integers; quantize "
@@ -301,6 +302,17 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
             weight_bits = _bits_for(levels)
             lo, hi = (-8, 7) if fmt == "onnx-int4" else (-128, 127)
             off = _fit_codes(g.qmin, g.qmax, lo, hi)
+            if off is None and fmt == "onnx-int4" and getattr(wq, "variant", None) != "paper":
+                # mixed precision (a first and last layer kept at 8 bits): int8 holds these codes as
+                # they are; the file stays onnx-int4 where any layer's weights fit 4 bits
+                lo, hi = -128, 127
+                off = _fit_codes(g.qmin, g.qmax, lo, hi)
+                if off is not None:
+                    info["weight_storage"] = "int8"
+                    wide = wide or ExportError(
+                        f"layer {name!r}: its weights use {weight_bits}-bit codes [{g.qmin}, {g.qmax}], and so "
+                        "do every quantized layer's: onnx-int4 would hold no 4-bit weight (lowbit never "
+                        "re-quantizes at export); export with --format onnx-int8, or quantize the weights to 4 bits")
             if off is None:
                 if getattr(wq, "variant", None) == "paper":  # (2q - 1: b-bit weights on 2^(b+1) - 1 odd codes)
                     hint = ("DoReFa's paper variant puts b-bit weights on the odd codes of 2q - 1, one bit wider; "
@@ -333,6 +345,8 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
             w_float = weight.cpu().numpy()
         plans.append(LayerPlan(index, name, kind, layer, weight_bits, w_codes, w_scale, w_zp, w_float,
                                bias, act_in, act_out, info))
+    if wide is not None and not any(p.w_codes is not None and "weight_storage" not in p.info for p in plans):
+        raise wide
     return plans
 
 
@@ -594,7 +608,7 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
     """Append the nodes of one quantized layer: ``x`` (float) -> ``out_name`` (float)."""
     pre = f"{p.name}"
     conv = p.kind == "conv2d"
-    int4 = fmt == "onnx-int4"
+    int4 = fmt == "onnx-int4" and p.info.get("weight_storage") != "int8"  # (mixed: an 8-bit layer as in int8)
     if p.act_in is not None:
         x = _qdq_act(b, x, p.act_in, f"{pre}/input")
         if int4 and not conv and p.w_codes is not None:
