@@ -602,3 +602,11 @@ def test_int4_keeps_8bit_layers_in_int8_in_a_mixed_precision_model(tmp_path):
     with torch.no_grad():
         ref = model(x).numpy()
     assert np.abs(rt.load_session(path).run(x.numpy())[0] - ref).max() < 1e-5  # (the codes, unchanged)
+
+
+def test_vae_graph_with_example_inputs_is_refused():
+    model = nn.Sequential(nn.Linear(11, 4))
+    lowbit.quantize(model, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "qat")
+    model(torch.randn(8, 11))
+    with pytest.raises(ExportError, match="vae_graph='eps' chooses the graph of lowbit's VAE.*leave vae_graph out"):
+        lo.export_onnx_bytes(model.eval(), example_inputs=torch.randn(2, 11), vae_graph="eps")

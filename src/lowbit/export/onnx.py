@@ -857,6 +857,9 @@ def export_onnx_bytes(
         raise ExportError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if bias not in BIAS_MODES:
         raise ExportError(f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}")
+    if example_inputs is not None and vae_graph != "deterministic":
+        raise ExportError(f"vae_graph={vae_graph!r} chooses the graph of lowbit's VAE traced without example_inputs; "
+                          "with example_inputs the graph is model(*example_inputs): leave vae_graph out")
     model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the model it compiles
     # everything on a CPU copy: a model trained on a GPU exports as it is, and stays where it was
     work = copy.deepcopy(model).cpu()
