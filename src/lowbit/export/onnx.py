@@ -310,8 +310,8 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
                 if off is not None:
                     info["weight_storage"] = "int8"
                     wide = wide or ExportError(
-                        f"layer {name!r}: its weights use {weight_bits}-bit codes [{g.qmin}, {g.qmax}], and so "
-                        "do every quantized layer's: onnx-int4 would hold no 4-bit weight (lowbit never "
+                        f"layer {name!r}: its weights use {weight_bits}-bit codes [{g.qmin}, {g.qmax}], as "
+                        "do the weights of every quantized layer: onnx-int4 would hold no 4-bit weight (lowbit never "
                         "re-quantizes at export); export with --format onnx-int8, or quantize the weights to 4 bits")
             if off is None:
                 if getattr(wq, "variant", None) == "paper":  # (2q - 1: b-bit weights on 2^(b+1) - 1 odd codes)
