@@ -95,11 +95,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     if not given or not path.name or path.is_dir():
         raise CheckpointError(f"{given!r} is {'a folder' if given and path.is_dir() else 'no file name'}; give a file name")
     folder = ensure_dir(path.parent if str(path.parent) else ".")
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:  # (a folder that says it is writable and is not: /proc, a read-only mount)
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another folder") from e
-    try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -107,8 +105,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # (a full disk, a file system that refuses the name)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # (a folder that says it is writable and is not: /proc, a read-only
+            # mount; a full disk; a file system that refuses the name)
             raise CheckpointError(f"cannot write {path}: {e.strerror or e}; choose another folder") from e
         raise
     return path
