@@ -132,3 +132,28 @@ def test_percentile_calibration_refuses_nan():
     x[5, 3] = float("nan")
     with pytest.raises(ValueError, match="contains NaN"):
         lowbit.calibrate(m, [x])
+
+
+@pytest.mark.parametrize("method", ["ptq", "qat"])
+@pytest.mark.parametrize("quant_type", ["input", "output"])
+def test_symmetric_activations_without_a_dtype_keep_negative_values(method, quant_type):
+    # NNI's per_tensor_symmetric activations keep negatives (a mid-range zero point on unsigned
+    # codes); lowbit's unsigned symmetric grid has zero point 0, so unasked it turned every
+    # negative value into 0.  Without quant_dtype a symmetric activation grid is signed.
+    m = nn.Sequential(nn.Linear(4, 4))
+    entry = {"quant_types": [quant_type], "quant_bits": 8, "op_names": ["0"], "quant_scheme": "per_tensor_symmetric"}
+    lowbit.quantize(m, [entry], method)
+    q = getattr(m[0], f"{quant_type}_quantizer")
+    assert q.spec.dtype == "int"
+    x = torch.tensor([[-1.0, -0.5, 0.5, 1.0]])
+    m.train()
+    lowbit.calibrate(m, [x]) if method == "ptq" else m(x)
+    g = q.grid()
+    assert (g.qmin, g.qmax, int(g.zero_point)) == (-127, 127, 0)
+    if quant_type == "input":
+        m.eval()
+        out = q(x)
+        assert torch.allclose(out, x, atol=float(g.scale) / 2) and (out < 0).sum() == 2
+    # asked for explicitly, unsigned codes stay (all 256 codes for non-negative data)
+    m2 = lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), [{**entry, "quant_dtype": "uint"}], method)
+    assert getattr(m2[0], f"{quant_type}_quantizer").spec.dtype == "uint"

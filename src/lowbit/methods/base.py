@@ -355,6 +355,12 @@ class Method:
         dtypes = cls.dtypes[quant_type]
         if dtype is None:
             dtype = dtypes[0]
+            if quant_type != "weight" and scheme == "symmetric" and dtype == "uint" and "int" in dtypes:
+                # a symmetric activation grid on unsigned codes has zero point 0 and no negative
+                # codes: unasked, it would turn every negative value into 0 (NNI's symmetric
+                # unsigned grid keeps them with a mid-range zero point); signed codes keep them.
+                # Ask for quant_dtype 'uint' to use all codes on non-negative data (ReLU outputs).
+                dtype = "int"
         elif dtype not in dtypes:
             allowed = ", ".join(repr(d) for d in dtypes if d is not None)
             raise ConfigError(f"{cls.name} {quant_type} quantization cannot use quant_dtype {dtype!r}; allowed: {allowed}")
