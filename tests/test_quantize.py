@@ -631,3 +631,61 @@ def test_calibrate_names_the_fix_for_batches_of_inputs_and_targets():
     with pytest.raises(TypeError, match=r"a tuple of 2 .*forward=lambda model, batch: model\(batch\[0\]\)"):
         lowbit.calibrate(model, batches)
     lowbit.calibrate(model, batches, forward=lambda m, b: m(b[0]))
+
+
+@pytest.mark.parametrize("variant", ["scaled", "paper", "learned"])
+def test_load_calibration_config_reads_nnis_dorefa_export(variant):
+    # NNI's DoReFa export holds only the bits: the fixed variants' grids come from the weights
+    model = lowbit.quantize(VAE(), cfg(types=("weight",)), "dorefa", dorefa_variant=variant)
+    nni = {name: {"weight_bits": 8} for name in STUDY}
+    if variant == "learned":
+        with pytest.raises(lowbit.config.ConfigError, match="no weight_scale.*dorefa_variant 'paper'"):
+            lowbit.load_calibration_config(model, nni)
+    else:
+        lowbit.load_calibration_config(model, nni)
+
+
+def test_load_calibration_config_checks_but_does_not_load_weight_grids_from_weights():
+    # NNI's QAT export: unsigned weight codes (zero point 162); the layer's grid comes from its weights
+    nni = {"fc1": {"weight_bits": 8, "weight_scale": 0.0039, "weight_zero_point": 162.0,
+                   "input_bits": 8, "tracked_min_input": 0.0, "tracked_max_input": 1.0}}
+    model = lowbit.quantize(VAE(), cfg(layers=["fc1"]), "qat")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lowbit.config.ConfigError, match=r"weight_zero_point 162 lies outside the codes \[-128, 127\].*'uint'"):
+        lowbit.load_calibration_config(model, nni)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model = lowbit.quantize(VAE(), cfg(layers=["fc1"], quant_dtype={"weight": "uint"}), "qat")
+    wstate = {k: v.clone() for k, v in model.fc1.weight_quantizer.state_dict().items()}
+    lowbit.load_calibration_config(model, nni)
+    assert all(torch.equal(wstate[k], v) for k, v in model.fc1.weight_quantizer.state_dict().items())
+    assert model.fc1.input_quantizer.grid().scale.item() == pytest.approx(1 / 255, rel=1e-6)
+    lowbit.quantize(VAE(), cfg(layers=["fc1"], quant_dtype={"weight": "uint"}), "qat").load_state_dict(model.state_dict())
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"input_scale": 0.0}, "input_scale must be finite and positive"),
+    ({"input_scale": -0.01}, "input_scale must be finite and positive"),
+    ({"input_scale": float("nan")}, "input_scale must be finite and positive"),
+    ({"input_zero_point": 999}, r"input_zero_point 999 lies outside the codes \[-?\d+, \d+\]"),
+    ({"input_bits": "8"}, "input_bits must be an integer, got '8'"),
+])
+@pytest.mark.parametrize("method", ["qat", "lsq"])
+def test_load_calibration_config_refuses_invalid_values_and_changes_nothing(method, bad, message):
+    model = lowbit.quantize(VAE(), cfg(), method)
+    train(model, steps=1)
+    calib = lowbit.calibration_config(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lowbit.config.ConfigError, match=message):
+        lowbit.load_calibration_config(model, {**calib, "fc3": {**calib["fc3"], **bad}})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_calibration_config_refuses_malformed_calibrations():
+    model = lowbit.quantize(VAE(), cfg(layers=["fc1"]), "qat")
+    with pytest.raises(lowbit.config.ConfigError, match="a calibration is a mapping.*not list"):
+        lowbit.load_calibration_config(model, [{"fc1": {}}])
+    with pytest.raises(lowbit.config.ConfigError, match="calibration of 'fc1' must be a mapping.*int 5"):
+        lowbit.load_calibration_config(model, {"fc1": 5})
+    nni = {"fc1": {"weight_bits": 8, "input_bits": 8, "tracked_min_input": 2.0, "tracked_max_input": 1.0}}
+    with pytest.raises(lowbit.config.ConfigError, match="not a finite range"):
+        lowbit.load_calibration_config(model, nni)

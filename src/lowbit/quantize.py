@@ -232,21 +232,30 @@ def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, A
     """Set the quantizers of an already quantized ``model`` from :func:`calibration_config`'s
     output (e.g. read back from JSON) or from NNI's export format.
 
-    Weight grids of QAT/PTQ/DoReFa are recomputed from the weights at the next forward pass; LSQ
-    steps and all activation ranges are restored.  An entry in NNI's format (no ``<type>_qmin`` /
+    Weight grids of QAT/PTQ and DoReFa's ``scaled`` / ``paper`` variants come from the weights: the
+    entry's weight grid, where it has one, is checked against the layer's (bits, granularity, code
+    range) but not loaded; LSQ steps, DoReFa's learned weight scale and all activation ranges are
+    restored.  An entry in NNI's format (no ``<type>_qmin`` /
     ``<type>_qmax``; activations as ``tracked_min_<type>`` / ``tracked_max_<type>`` only) takes the
     layer's own code range, and QAT/PTQ activation grids are recomputed from the tracked range.
 
     Raises:
         ConfigError: the calibration does not fit the model (unknown layer, other bits, per-channel
             values for a per-tensor quantizer, a missing or non-numeric value, another code
-            range); it names the layer and the value.  The model is then left as it was.
+            range, a scale that is not finite and positive, a zero point outside the codes); it
+            names the layer and the value.  On any error the model is left as it was.
     """
     layers = quantized_layers(model)
+    if not isinstance(calib, Mapping):
+        raise ConfigError(f"a calibration is a mapping layer name -> entry (calibration_config's output), "
+                          f"not {type(calib).__name__}")
     plan: list[tuple[Quantizer, AffineGrid, tuple[Tensor, Tensor] | None, str]] = []
     for name, entry in calib.items():
         if name not in layers:
             raise ConfigError(f"calibration names layer {name!r}, which is not quantized in this model; quantized: {list(layers)}")
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"calibration of {name!r} must be a mapping (e.g. {{'weight_bits': 8, ...}}), "
+                              f"got {type(entry).__name__} {entry!r}")
         for t, q in layers[name].quantizers().items():
             item = _calibration_item(name, t, q, entry)
             if item is not None:
@@ -258,7 +267,7 @@ def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, A
                 q.load_grid(grid, tracked)
             except ValueError as e:
                 raise ConfigError(f"calibration of {where}: {e}") from None
-    except ConfigError:
+    except BaseException:  # (whatever failed: the model is left as it was)
         for q, state in saved:
             q.load_state_dict(state)
         raise
@@ -284,24 +293,42 @@ def _calibration_item(
 
     if f"{t}_bits" not in entry:
         raise ConfigError(f"{where} has no {t}_bits but the layer quantizes its {t}")
-    if entry[f"{t}_bits"] != q.bits:
-        raise ConfigError(f"{where} has {t}_bits {entry[f'{t}_bits']}, the layer {q.bits}")
+    bits = entry[f"{t}_bits"]
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits != int(bits):
+        raise ConfigError(f"{where}: {t}_bits must be an integer, got {bits!r}")
+    if bits != q.bits:
+        raise ConfigError(f"{where} has {t}_bits {bits}, the layer {q.bits}")
+    from_weight = t == "weight" and q.grid_from_weight  # (checked against the layer, not loaded)
+    if from_weight and f"{t}_scale" not in entry:  # (NNI's DoReFa export holds only the bits)
+        return None
     qmin = int(number(f"{t}_qmin").item()) if f"{t}_qmin" in entry else int(q.qmin)
     qmax = int(number(f"{t}_qmax").item()) if f"{t}_qmax" in entry else int(q.qmax)
     range_q = isinstance(q, RangeQuantizer)
     tracked = None
     if t != "weight" and range_q:
         tracked = (number(f"tracked_min_{t}").float(), number(f"tracked_max_{t}").float())
+        if not (bool(torch.isfinite(tracked[0]).all() and torch.isfinite(tracked[1]).all())
+                and bool((tracked[0] <= tracked[1]).all())):
+            raise ConfigError(f"{where}: tracked_min_{t} {tracked[0].tolist()} and tracked_max_{t} "
+                              f"{tracked[1].tolist()} are not a finite range (min <= max)")
     if f"{t}_scale" in entry:
         scale, zp = number(f"{t}_scale").float(), number(f"{t}_zero_point").round().long()
     elif tracked is not None and tracked[0].dim() == 0:  # NNI's activation entry: the grid from the range
         s, z = affine_qparams_f32(tracked[0].item(), tracked[1].item(), qmin, qmax, q.symmetric)
         scale, zp = torch.tensor(s, dtype=torch.float32), torch.tensor(z, dtype=torch.int64)
-    elif t == "weight" and range_q:
-        return None
     else:
+        hint = ("; DoReFa's learned weight scale is not in NNI's export: quantize with dorefa_variant 'paper' "
+                "(NNI's DoReFa) or 'scaled', whose grids come from the weights"
+                if type(q).__name__ == "DoReFaWeightQuantizer" else "")
         raise ConfigError(f"{where} has no {t}_scale, which its {t} quantizer ({type(q).__name__}) needs "
-                          "(lowbit.calibration_config writes it; NNI's export has none for learned steps)")
+                          f"(lowbit.calibration_config writes it; NNI's export has none for learned steps){hint}")
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ConfigError(f"{where}: {t}_scale must be finite and positive, got {scale.tolist()}")
+    if not bool(((zp >= qmin) & (zp <= qmax)).all()):
+        hint = ""
+        if t == "weight" and qmin < 0 and bool((zp >= 0).all() and (zp < 1 << q.bits).all()):
+            hint = " (unsigned weight codes, as NNI's QAT uses: quantize with quant_dtype {'weight': 'uint'})"
+        raise ConfigError(f"{where}: {t}_zero_point {zp.tolist()} lies outside the codes [{qmin}, {qmax}]{hint}")
     want = q.scale.numel()
     if zp.numel() != scale.numel():
         raise ConfigError(f"{where}: {t}_zero_point has {zp.numel()} values, {t}_scale {scale.numel()}")
@@ -310,9 +337,11 @@ def _calibration_item(
         raise ConfigError(f"{where}: {t}_scale is {kind(scale.numel())} but the layer's {t} quantizer is "
                           f"{kind(want)}; quantize with the granularity the calibration was made with")
     axis = entry.get(f"{t}_axis", 0 if want > 1 else None)
-    if t == "weight" and range_q:
-        zpf = zp.to(torch.float32)
-        tracked = ((qmin - zpf) * scale, (qmax - zpf) * scale)
+    if from_weight:
+        if (qmin, qmax) != q._codes():
+            raise ConfigError(f"calibration of {name!r} weight: grid codes [{qmin}, {qmax}] do not match this "
+                              f"quantizer's [{q.qmin}, {q.qmax}]")
+        return None
     return AffineGrid(scale, zp, qmin, qmax, axis), tracked
 
 

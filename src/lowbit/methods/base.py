@@ -184,6 +184,13 @@ class Quantizer(nn.Module):
         """Set the quantizer's state from an exported grid (see ``lowbit.load_calibration_config``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a calibration")
 
+    @property
+    def grid_from_weight(self) -> bool:
+        """Whether this (weight) quantizer derives its grid from the weight it quantizes at every
+        call (QAT's and PTQ's current range, DoReFa's fixed variants): it has no state of its own
+        to load (``lowbit.load_calibration_config``)."""
+        return False
+
     def float_steps_left(self) -> int:
         """Training steps still to run before this quantizer quantizes (QAT's ``quant_start_step``);
         until then its output is its float input."""
@@ -900,6 +907,10 @@ class RangeQuantizer(Quantizer):
             self.tracked_max.copy_(tracked[1].reshape(self.tracked_max.shape))
         self.initialized.fill_(True)
         self._sync()
+
+    @property
+    def grid_from_weight(self) -> bool:
+        return self.tracking == "current"
 
     def _describe_codes(self) -> str:
         extra = f", starts after {self.start_step} steps" if self.start_step else ""

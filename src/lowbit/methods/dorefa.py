@@ -240,6 +240,10 @@ class DoReFaWeightQuantizer(Quantizer):
         self.initialized.fill_(True)
         self._sync()
 
+    @property
+    def grid_from_weight(self) -> bool:
+        return not self.learned
+
     def _describe_codes(self) -> str:
         return f"{self.variant}, codes [{self.qmin}, {self.qmax}]"
 
