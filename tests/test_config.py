@@ -198,6 +198,9 @@ def test_error_shapes_and_options():
     assert "ema_decay" in _err([{**W8, "op_names": ["fc1"], "ema_decay": 1.0}])
     assert "gradient_bits" in _err([{**W8, "op_names": ["fc1"], "gradient_bits": 0}], "dorefa")
     assert "unknown method 'nni'" in _err([{**W8, "op_names": ["fc1"]}], "nni")
+    # a list where a scheme name belongs (it used to be a raw TypeError: unhashable type)
+    assert "quant_scheme ['affine'] for 'weight'; choose from" in _err([{**W8, "op_names": ["fc1"], "quant_scheme": ["affine"]}])
+    assert "quant_scheme ['affine'] for 'weight'" in _err([{**W8, "op_names": ["fc1"], "quant_scheme": {"weight": ["affine"]}}])
 
 
 def test_error_already_quantized():

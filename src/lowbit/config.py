@@ -364,7 +364,7 @@ def parse_config(
             gran, scheme = None, None
             if t in schemes:
                 s = schemes[t]
-                if s not in _SCHEMES:
+                if not isinstance(s, str) or s not in _SCHEMES:
                     raise ConfigError(f"{where}: quant_scheme {s!r} for {t!r}; choose from {', '.join(_SCHEMES)}")
                 gran, scheme = _SCHEMES[s]
             if t in grans:
