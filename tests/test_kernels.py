@@ -647,3 +647,31 @@ def test_the_build_compiles_a_copy_in_its_own_folder(fresh_loader, monkeypatch):
     (src,) = seen["sources"]
     assert src.startswith(seen["build_directory"])
     assert open(src, "rb").read() == kernels._SOURCE.read_bytes()
+
+
+def _penalty_grads(method: str, context) -> list:
+    """The weights' gradients of a gradient penalty ||d out / d x||^2 (create_graph=True)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    x = torch.randn(32, 8)
+    with context():
+        m(x)  # (a training batch: ranges and steps set)
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(m(x).sum(), x, create_graph=True)
+        g.pow(2).sum().backward()
+    return [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq", "dorefa"])
+def test_second_order_gradients_raise_on_the_kernels_and_work_on_the_tensor_path(k, method):
+    # the kernels' backward passes are not recorded: a gradient penalty's second-order path was cut
+    # silently (the weights' gradients came out smaller, the last layer's None)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*lowbit.tensor_path"):
+        _penalty_grads(method, contextlib.nullcontext)
+    on_tensor_path = _penalty_grads(method, lowbit.tensor_path)
+    with kernels.disabled():
+        plain = _penalty_grads(method, contextlib.nullcontext)
+    assert on_tensor_path[0] is not None and on_tensor_path[0].norm() > 0
+    for a, b in zip(on_tensor_path, plain):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -341,6 +341,17 @@ Tensor grad_output(const Tensor& own, const Tensor& x) {
   return own;
 }
 
+// The kernels' backward passes are first-order: their gradients are computed, not recorded.  In a
+// backward pass that builds a graph (create_graph=True: a gradient penalty, a Hessian-vector
+// product), that would silently cut the second-order path; raise instead, naming the fix.
+void first_order_only() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "lowbit's fused CPU kernels compute first-order gradients only, and this backward pass builds a "
+              "graph for a second-order one (create_graph=True, e.g. a gradient penalty): run the model inside "
+              "`with lowbit.tensor_path():` (PyTorch's differentiable operations, the same values) or set "
+              "LOWBIT_KERNELS=0");
+}
+
 // ---------------------------------------------------------------------------------------------
 // straight-through (weights of QAT/PTQ) and clipped straight-through (activations)
 
@@ -369,6 +380,7 @@ struct ClippedFn : public Function<ClippedFn> {
     return fq_forward(x, make_grid(s, lo, hi));
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
+    first_order_only();
     Tensor x = ctx->get_saved_variables()[0];
     const Grid g = SavedNumbers(ctx).grid();
     const Tensor own = writable_grad(grads, 0, x);
@@ -429,6 +441,7 @@ struct LSQFn : public Function<LSQFn> {
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list& grads) {
+    first_order_only();
     Tensor v = ctx->get_saved_variables()[0];  // x, or tanh(x)
     SavedNumbers saved(ctx);
     const Grid g = saved.grid();
@@ -733,6 +746,7 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    first_order_only();
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &xh = saved[1], &wh = saved[2];
     SavedNumbers numbers(ctx);
