@@ -51,6 +51,12 @@ def quantize(
     optimizer's defaults).  Without an optimizer, add :func:`quantizer_parameters` yourself.
     The model's own parameters are unchanged objects, so an optimizer built before keeps working.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ConfigError(
+            "quantize the model before wrapping it in DistributedDataParallel: DDP broadcasts and averages the "
+            "parameters it finds when it is built, so the quantizers' new steps would train apart in each "
+            "process; lowbit.quantize(model, ...), then DistributedDataParallel(model)"
+        )
     method_cls = get_method(method)
     specs = parse_config(config_list, model, method_cls.name, options)
     names = module_names(model)

@@ -450,6 +450,26 @@ def member(module: nn.Module, name: str) -> Any:
     return v
 
 
+def distributed() -> bool:
+    """Whether this process trains with others (``torch.distributed`` initialised, more than one
+    process, outside ``torch.compile``): quantizer statistics taken from a batch are then reduced
+    over every process's batch, so each process quantizes on the same grid (DDP keeps parameters
+    equal, not statistics; BatchNorm needs SyncBatchNorm for this)."""
+    d = torch.distributed
+    return (not torch.compiler.is_compiling() and d.is_available() and d.is_initialized()
+            and d.get_world_size() > 1)
+
+
+def all_reduce_(t: Tensor, op: str) -> Tensor:
+    """``t`` reduced in place over the default process group: ``"max"``, ``"min"`` or ``"mean"``."""
+    d = torch.distributed
+    if op == "mean":
+        d.all_reduce(t, op=d.ReduceOp.SUM)
+        return t.div_(d.get_world_size())
+    d.all_reduce(t, op=d.ReduceOp.MAX if op == "max" else d.ReduceOp.MIN)
+    return t
+
+
 def in_backward() -> bool:
     """Whether this call runs inside a backward pass: a forward recomputed by activation
     checkpointing (``torch.utils.checkpoint``), which must neither advance a quantizer's state
@@ -637,6 +657,23 @@ class RangeQuantizer(Quantizer):
 
     # -- observation --------------------------------------------------------------------------
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lo, hi = self._local_range(x)
+        if self._reduced():
+            # every process's batch: the range of all of them (ema, minmax), the mean of their
+            # percentiles (one collective for both ends)
+            if self.tracking == "percentile":
+                both = all_reduce_(torch.stack([lo.float(), hi.float()]), "mean")
+                return both[0], both[1]
+            both = all_reduce_(torch.stack([-lo.float(), hi.float()]), "max")
+            return -both[0], both[1]
+        return lo, hi
+
+    def _reduced(self) -> bool:
+        """Whether this quantizer's observations are reduced over processes (:func:`distributed`):
+        tracked activation ranges; a weight's current range is the same in every process."""
+        return self.tracking != "current" and distributed()
+
+    def _local_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.detach()
         if self.axis is not None:
             return torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
@@ -764,6 +801,8 @@ class RangeQuantizer(Quantizer):
         if k is None:
             return None
         if not again and (self.tracking == "current" or self.training):
+            if self.tracking != "current" and self._reduced():
+                return None  # (forward observes, reduced over the processes)
             if self.start_step > 0 and self.training:
                 st[5] = False
             py = st[4]
@@ -836,7 +875,7 @@ class RangeQuantizer(Quantizer):
                 st[5] = False
         current = self.tracking == "current"
         observing = (current or self.training) and not again
-        if observing and self._fused_tracking is not None:
+        if observing and self._fused_tracking is not None and not self._reduced():
             k = kernels.get() if fusable(x) else None
             if k is not None:  # observe, update the range, quantize: one C++ call, same numbers
                 py = st[4]

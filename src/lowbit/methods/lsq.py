@@ -38,8 +38,8 @@ from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (MIN_SCALE, AffineGrid, affine_qparams, exact_div, float32_codes, fusable, lsq_fake_quantize,
                           qrange)
-from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, check_finite, in_backward,
-                   is_bool, member, one_of, register_method)
+from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, all_reduce_, check_finite,
+                   distributed, in_backward, is_bool, member, one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -135,8 +135,12 @@ class LSQQuantizer(Quantizer):
         check_finite(x)
         if not x.is_floating_point():  # (an integer input: its values are what the grid sees)
             x = x.float()
+        sync = not self.is_weight and distributed()  # (weights: DDP broadcasts the steps)
         if self._auto_sign:
-            signed = bool(x.min() < 0)
+            lowest = x.min().float()
+            if sync:  # signed wherever any process's first batch has a negative value
+                all_reduce_(lowest, "min")
+            signed = bool(lowest < 0)
             self.signed.fill_(signed)
             self._set_range(signed)
         if self.learn_offset:
@@ -159,6 +163,10 @@ class LSQQuantizer(Quantizer):
             else:
                 mean_abs = x.abs().mean()
             self.scale.copy_(exact_div(2 * mean_abs, math.sqrt(self._qp)).clamp(min=MIN_SCALE))
+        if sync:  # every process starts from the mean of their first batches' steps (and offsets)
+            all_reduce_(self.scale.data, "mean")
+            if self.zero_point is not None:
+                all_reduce_(self.zero_point.data, "mean")
         self.initialized.fill_(True)
         self._initialized = True
 
