@@ -689,3 +689,30 @@ def test_load_calibration_config_refuses_malformed_calibrations():
     nni = {"fc1": {"weight_bits": 8, "input_bits": 8, "tracked_min_input": 2.0, "tracked_max_input": 1.0}}
     with pytest.raises(lowbit.config.ConfigError, match="not a finite range"):
         lowbit.load_calibration_config(model, nni)
+
+
+@pytest.mark.parametrize("reparam", ["weight_norm", "spectral_norm", "prune"])
+def test_fold_bakes_a_reparametrized_weight(reparam):
+    # the folded copy kept the pre-hook, which then failed to assign over the quantized weight
+    # (TypeError); after a training pass deepcopy itself refused the hook's non-leaf weight
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    if reparam == "weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.nn.utils.weight_norm(m[0])
+    elif reparam == "spectral_norm":
+        torch.nn.utils.spectral_norm(m[0])
+    else:
+        torch.nn.utils.prune.l1_unstructured(m[0], "weight", amount=0.5)
+    lowbit.quantize(m, [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}], "qat")
+    x = torch.randn(32, 8)
+    m(x).sum().backward()  # a training pass (with gradients)
+    m.eval()
+    with torch.no_grad():
+        want = m(x)
+    folded = lowbit.fold(m)
+    assert isinstance(folded[0], nn.Linear) and isinstance(folded[0]._parameters["weight"], nn.Parameter)
+    assert not folded[0]._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(folded(x), want)

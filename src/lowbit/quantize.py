@@ -352,6 +352,29 @@ def _calibration_item(
 
 
 @torch.no_grad()
+def _plain_weight(layer: nn.Module, name: str) -> None:
+    """Make ``layer.weight`` a plain parameter holding its current value where a reparametrization
+    computes it (``weight_norm``, ``spectral_norm``, ``torch.nn.utils.prune``): the folded layer
+    must not recompute it over the quantized weight fold puts there.  (``parametrize``'s layers are
+    of another class, which ``quantize`` does not wrap.)"""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in list(layer._forward_pre_hooks.values()):
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            torch.nn.utils.remove_weight_norm(layer)
+        elif isinstance(hook, SpectralNorm) and hook.name == "weight":
+            torch.nn.utils.remove_spectral_norm(layer)
+        elif isinstance(hook, prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == "weight":
+            prune.remove(layer, "weight")
+    if not isinstance(layer._parameters.get("weight"), nn.Parameter):
+        hooks = [type(h).__name__ for h in layer._forward_pre_hooks.values()]
+        raise ValueError(f"cannot fold layer {name!r}: its weight is recomputed by forward pre-hooks lowbit does "
+                         f"not know ({', '.join(hooks) or 'none left'}); remove them (bake the weight) first")
+
+
+@torch.no_grad()
 def fold(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every :class:`QuantWrapper` replaced by its plain layer
     (``nn.Linear`` / ``nn.Conv*d``) whose weight holds the quantized (dequantized float) values the
@@ -361,12 +384,19 @@ def fold(model: nn.Module) -> nn.Module:
     model reproduces the simulated model's outputs exactly when only weights are quantized, and
     approximately otherwise.  ``model`` itself is not changed.  Before QAT's ``quant_start_step``
     the simulated model is float, and so are the folded weights (``calibration_config`` then
-    reports the grids the quantizers will start from; the export refuses such a model).
+    reports the grids the quantizers will start from; the export refuses such a model).  A weight
+    that ``weight_norm``, ``spectral_norm`` or pruning computes is folded from its current value,
+    and the folded layer holds it as a plain parameter (the reparametrization removed).
     """
-    folded = copy.deepcopy(model)
+    # a weight recomputed by a pre-hook (weight_norm, pruning) is a plain attribute with a grad_fn
+    # after a training pass, which deepcopy refuses: the copy takes its value
+    memo = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+            if isinstance(v, Tensor) and v.grad_fn is not None}
+    folded = copy.deepcopy(model, memo)
     names = module_names(folded)
-    for wrapper in quantized_layers(folded).values():
+    for name, wrapper in quantized_layers(folded).items():
         layer = wrapper.module
+        _plain_weight(layer, name)
         wq = wrapper.quantized_weight()
         layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
         replace_module(folded, wrapper, layer, names)
