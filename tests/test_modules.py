@@ -379,3 +379,29 @@ def test_a_torch_func_transform_gets_a_clear_error(method):
     with pytest.raises(lowbit.TransformError, match="torch.func transform"):
         vmap(m)(x[:, None])
     assert torch.equal(functional_call(m, params, (x,)), m(x))
+
+
+@pytest.mark.parametrize("method", ["qat", "lsq"])
+def test_a_layers_backward_hooks_fire_on_the_quantized_layer(method):
+    # they never fired once the layer was quantized (the wrapper runs the layer's computation itself)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    seen = {}
+
+    def pre_hook(mod, gout):
+        seen["pre"] = gout[0].clone()
+
+    def hook(mod, gin, gout):
+        seen["gin"] = gin[0].clone()
+        return (gin[0] * 0,)
+
+    m[0].register_full_backward_pre_hook(pre_hook)
+    m[0].register_full_backward_hook(hook)
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    x = torch.randn(32, 8, requires_grad=True)
+    h = m[0](x)
+    h.retain_grad()
+    m[2](torch.relu(h)).sum().backward()
+    assert torch.equal(seen["pre"], h.grad)  # dL/d(layer output)
+    assert seen["gin"].shape == x.shape and seen["gin"].abs().sum() > 0  # dL/dx, as the layer's input
+    assert torch.equal(x.grad, torch.zeros_like(x))  # the hook's returned gradient is the one used

@@ -72,7 +72,7 @@ class QuantWrapper(nn.Module):
                 "torch.func.functional_call without a transform works"
             )
         m = member(self, "module")
-        if m._forward_pre_hooks or m._forward_hooks:
+        if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
             return self._forward_with_layer_hooks(x)
         return self._forward(x)
 
@@ -107,8 +107,17 @@ class QuantWrapper(nn.Module):
     def _forward_with_layer_hooks(self, x: Tensor) -> Tensor:
         """The layer's own forward pre-hooks and forward hooks (a user's, or ``weight_norm`` /
         ``spectral_norm``, which recompute the weight in a pre-hook) run around the quantized
-        computation, as they would around the float layer."""
+        computation, as they would around the float layer; so do its backward hooks (full and
+        pre-hooks: gradients with respect to the wrapper's input and output, as ``nn.Module`` sets
+        them up; the deprecated non-full ones on the output's gradient function)."""
         m = self.module
+        bw_hook, non_full = None, []
+        if m._backward_hooks or m._backward_pre_hooks:
+            full, non_full = m._get_backward_hooks()
+            pre = m._get_backward_pre_hooks()
+            if full or pre:
+                bw_hook = torch.utils.hooks.BackwardHook(m, full, pre)
+                (x,) = bw_hook.setup_input_hook((x,))
         args: tuple[Any, ...] = (x,)
         for hid, hook in list(m._forward_pre_hooks.items()):
             if hid in m._forward_pre_hooks_with_kwargs:
@@ -124,6 +133,13 @@ class QuantWrapper(nn.Module):
             res = hook(m, args, {}, y) if hid in m._forward_hooks_with_kwargs else hook(m, args, y)
             if res is not None:
                 y = res
+        if bw_hook is not None:
+            y = bw_hook.setup_output_hook(y)
+        if non_full and isinstance(y, Tensor) and y.grad_fn is not None:
+            from torch.nn.modules.module import _WrappedHook
+
+            for hook in non_full:
+                y.grad_fn.register_hook(_WrappedHook(hook, m))
         return y
 
     def __getattr__(self, name: str) -> Any:
