@@ -4,6 +4,7 @@ docs/INTERFACES.md, repeated calls and inputs of any rank."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -405,3 +406,36 @@ def test_a_layers_backward_hooks_fire_on_the_quantized_layer(method):
     assert torch.equal(seen["pre"], h.grad)  # dL/d(layer output)
     assert seen["gin"].shape == x.shape and seen["gin"].abs().sum() > 0  # dL/dx, as the layer's input
     assert torch.equal(x.grad, torch.zeros_like(x))  # the hook's returned gradient is the one used
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq", "dorefa"])
+def test_torch_jit_trace_records_the_quantized_computation(method):
+    # the fused kernels' calls are not recorded by the tracer: a traced model returned garbage
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    x = torch.randn(32, 8)
+    if method == "ptq":
+        lowbit.calibrate(m, [x])
+    else:
+        m(x)  # a training batch
+    m.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the tracer's warnings about Python values)
+        traced = torch.jit.trace(m, (x,))
+        x2 = torch.randn(16, 8)
+        assert torch.equal(traced(x2), m(x2))
+
+
+def test_torch_export_on_the_cpu_asks_for_the_tensor_path():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4))
+    lowbit.quantize(m, [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "lsq")
+    x = torch.randn(4, 8)
+    m(x)
+    m.eval()
+    with pytest.raises(Exception, match="inside `with lowbit.tensor_path\\(\\):`"):
+        torch.export.export(m, (x,))
+    with lowbit.tensor_path():
+        exported = torch.export.export(m, (x,))
+    assert torch.equal(exported.module()(x), m(x))

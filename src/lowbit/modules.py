@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LayerSpec
+from .fake_quant import on_host, tensor_path
 from .methods.base import Quantizer, member
 
 __all__ = ["QuantWrapper", "TransformError", "module_names", "replace_module"]
@@ -71,10 +72,38 @@ class QuantWrapper(nn.Module):
                 "functorch rules. Compute gradients with loss.backward() (or torch.autograd.grad); "
                 "torch.func.functional_call without a transform works"
             )
+        if torch._C._get_tracing_state() is not None:
+            return self._traced_forward(x)
+        if torch.compiler.is_exporting() and on_host(x):
+            raise TransformError(
+                "torch.export of a lowbit-quantized model on the CPU: call it inside `with lowbit.tensor_path():` "
+                "(the host path's fused kernels and Python-number grids cannot be exported; the tensor path gives "
+                "the same values)"
+            )
+        return self._dispatch(x)
+
+    def _dispatch(self, x: Tensor) -> Tensor:
         m = member(self, "module")
         if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
             return self._forward_with_layer_hooks(x)
         return self._forward(x)
+
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """Under ``torch.jit.trace`` (and the TorchScript ONNX exporter) the layer runs the tensor
+        path, whose PyTorch operations the tracer records (the fused kernels' calls it would not: a
+        traced model returned garbage), with the quantizers' pending state written to their
+        buffers first, outside the trace (the tracer fails on those writes)."""
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            for q in self.quantizers().values():
+                flush = getattr(q, "_flush", None)
+                if flush is not None:
+                    flush()
+        finally:
+            torch._C._set_tracing_state(state)
+        with tensor_path():
+            return self._dispatch(x)
 
     def _forward(self, x: Tensor) -> Tensor:
         # (member: the attribute reads of a forward pass without nn.Module.__getattr__'s cost)
