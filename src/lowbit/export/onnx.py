@@ -60,11 +60,13 @@ DOMAIN = "lowbit"
 #: no-op nodes that steer ONNX Runtime's fusions; their names say why (see _guard_* below).
 #: ``fanout``: keeps a GEMM output that feeds a QuantizeLinear and something else fusable;
 #: ``nbits``: keeps an int4 MatMul's activation DequantizeLinear out of the QDQ selector, so plain
-#: ONNX Runtime fuses DequantizeLinear(int4) + MatMul into its 4-bit kernel (MatMulNBits).
+#: ONNX Runtime fuses DequantizeLinear(int4) + MatMul into its 4-bit kernel (MatMulNBits);
+#: ``bias``: keeps a float bias float; ``float_weight``: keeps a float-weight layer's weights float.
 GUARD_PREFIX = "lowbit_guard/"
 GUARD_FANOUT = GUARD_PREFIX + "fanout/"
 GUARD_NBITS = GUARD_PREFIX + "nbits/"
 GUARD_BIAS = GUARD_PREFIX + "bias/"
+GUARD_FLOATW = GUARD_PREFIX + "float_weight/"
 BIAS_MODES = ("auto", "int32", "float")
 
 
@@ -613,6 +615,13 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
         x = _qdq_act(b, x, p.act_in, f"{pre}/input")
         if int4 and not conv and p.w_codes is not None:
             x = _noop(b, x, GUARD_NBITS + pre, rank)
+        elif p.w_codes is None and not conv:
+            # float weights after a quantized input: ONNX Runtime's WeightBiasQuantization would
+            # quantize them (int8, per tensor) and the bias (int32) itself, another model than the
+            # simulated one; it only looks at a Conv/Gemm fed by a DequantizeLinear.  (A Conv's
+            # guard would be a Reshape, which ONNX Runtime moves the DequantizeLinear past:
+            # load_session turns the transformer off instead.)
+            x = _noop(b, x, GUARD_FLOATW + pre, rank)
     # Form: Gemm for int8 Linear on 2-D input (ONNX Runtime fuses DQ-Gemm-Q into QGemm);
     # MatMul + Add for int4 (ONNX Runtime's 4-bit MatMulNBits needs MatMul) and for N-D input.
     use_gemm = (not conv) and (not int4) and rank == 2 and p.act_in is not None and p.w_codes is not None
@@ -698,14 +707,20 @@ def _guard_quantize_inputs(graph, producers_of_interest: set[str], ranks: dict[s
 
 
 _DATA_MOVEMENT = {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+#: ops that commute with quantizing on a grid holding 0 exactly (q(op(v)) == op(q(v)) for the
+#: fake quantization q = DequantizeLinear(QuantizeLinear(.))): data movement; MaxPool, as q is
+#: monotone non-decreasing; Relu, as q(0) == 0
+_COMMUTES = _DATA_MOVEMENT | {"MaxPool", "Relu"}
 
 
 def _hoist_quantize(graph, layer_outputs: set[str]) -> None:
-    """``layer -> Flatten -> QuantizeLinear`` (a CNN's last conv before its classifier) leaves the
-    layer without an output grid, and ONNX Runtime has no integer conv with a float output.
-    Quantizing commutes with pure data movement, so a QuantizeLinear/DequantizeLinear pair on the
-    same grid is added *before* the data-movement op: the conv fuses into QLinearConv, and the
-    repeated pair on the far side is the identity on grid values (ONNX Runtime drops it)."""
+    """A layer without an output grid whose output reaches the next layer's QuantizeLinear only
+    through ops that commute with quantizing (``conv -> Relu -> MaxPool -> QuantizeLinear``, a
+    CNN's ``conv -> Flatten -> QuantizeLinear`` before its classifier) would stay a float conv in
+    ONNX Runtime, which has no integer conv with a float output.  A QuantizeLinear /
+    DequantizeLinear pair on that grid is added right after the layer (after its Relu, which the
+    integer conv then absorbs): the conv fuses into QLinearConv, the ops between run on grid
+    values (MaxPool on uint8), and the later pair is the identity on them (ONNX Runtime drops it)."""
     from onnx import helper
 
     consumers: dict[str, list] = {}
@@ -713,26 +728,36 @@ def _hoist_quantize(graph, layer_outputs: set[str]) -> None:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
-    new_nodes = []
-    for n in graph.node:
-        new_nodes.append(n)
-        if n.op_type not in _DATA_MOVEMENT or not n.input or n.input[0] not in layer_outputs:
-            continue
-        src = n.input[0]
-        if len(consumers.get(src, [])) != 1 or src in outputs or n.output[0] in outputs:
-            continue
-        users = consumers.get(n.output[0], [])
-        if not users or any(u.op_type != "QuantizeLinear" for u in users):
+
+    def only_user(t: str):
+        users = consumers.get(t, [])
+        return users[0] if len(users) == 1 and t not in outputs else None
+
+    inserts: dict[int, tuple[str, list[str]]] = {}  # id(first op after the pair) -> (tensor, Q args)
+    for src in layer_outputs:
+        t, n = src, only_user(src)
+        if n is not None and n.op_type == "Relu":  # (kept before the pair: the integer conv absorbs it)
+            t, n = n.output[0], only_user(n.output[0])
+        first, steps = n, 0
+        while n is not None and n.op_type in _COMMUTES and n.input and n.input[0] == t and \
+                (n.op_type != "MaxPool" or len(n.output) == 1 or not n.output[1]):
+            t, n, steps = n.output[0], only_user(n.output[0]), steps + 1
+        users = consumers.get(t, [])
+        if steps == 0 or t in outputs or not users or any(u.op_type != "QuantizeLinear" for u in users):
             continue
         if len({tuple(u.input[1:]) for u in users}) != 1:
             continue
-        qargs = list(users[0].input[1:])
-        q = helper.make_node("QuantizeLinear", [src, *qargs], [src + "/hoisted_q"], name=src + "/hoisted_q")
-        dq = helper.make_node("DequantizeLinear", [src + "/hoisted_q", *qargs], [src + "/hoisted_dq"],
-                              name=src + "/hoisted_dq")
-        new_nodes.pop()
-        n.input[0] = src + "/hoisted_dq"
-        new_nodes.extend([q, dq, n])
+        inserts[id(first)] = (first.input[0], list(users[0].input[1:]))
+    new_nodes = []
+    for n in graph.node:
+        if id(n) in inserts:
+            t, qargs = inserts[id(n)]
+            q = helper.make_node("QuantizeLinear", [t, *qargs], [t + "/hoisted_q"], name=t + "/hoisted_q")
+            dq = helper.make_node("DequantizeLinear", [t + "/hoisted_q", *qargs], [t + "/hoisted_dq"],
+                                  name=t + "/hoisted_dq")
+            n.input[0] = t + "/hoisted_dq"
+            new_nodes.extend([q, dq])
+        new_nodes.append(n)
     del graph.node[:]
     graph.node.extend(new_nodes)
 

@@ -421,7 +421,11 @@ def load_session(
         kernel = "int8 (platform kernel)"
     so = _session_options(threads, precise, str(optimized_model_path) if optimized_model_path else None,
                           session_config)
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]))
+    # WeightBiasQuantization quantizes the float weights (and bias) of a Conv/Gemm fed by a
+    # DequantizeLinear on its own: a layer with a quantized input and float weights would then run
+    # another model than the simulated one (lowbit's files quantize every weight they mean to)
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]),
+                                disabled_optimizers=["WeightBiasQuantization"])
     info = SessionInfo(source=source, format=meta.get("lowbit.format"), threads=threads,
                        providers=sess.get_providers(), int8_kernel=kernel, transforms=transforms, notes=notes)
     return DeployedModel(sess, info)
