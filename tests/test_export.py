@@ -662,3 +662,52 @@ def test_vae_graph_with_example_inputs_is_refused():
     model(torch.randn(8, 11))
     with pytest.raises(ExportError, match="vae_graph='eps' chooses the graph of lowbit's VAE.*leave vae_graph out"):
         lo.export_onnx_bytes(model.eval(), example_inputs=torch.randn(2, 11), vae_graph="eps")
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_conv2d_string_padding_exports(tmp_path, padding):
+    # padding="valid" / "same" are zero padding: refused before 0.3.8
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 4, padding=padding, dilation=2), nn.ReLU(), nn.Flatten())
+    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d",)), "ptq")
+    x = torch.rand(8, 1, 12, 12)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    path = lowbit.export(model, tmp_path / "c.onnx", example_inputs=x[:1], bias="float")
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], ref, atol=1e-3, rtol=1e-4)
+
+
+def test_example_input_mistakes_are_export_errors(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten())
+    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d",)), "ptq")
+    x = torch.rand(8, 1, 10, 10)
+    lowbit.calibrate(model, [x])
+    model.eval()
+    with pytest.raises(ExportError, match=r"unbatched input of shape \(1, 10, 10\).*batch dimension"):
+        lowbit.export(model, tmp_path / "a.onnx", example_inputs=x[0])
+    with pytest.raises(ExportError, match=r"does not run on example_inputs \[\(1, 1, 10, 10\), \(1, 1, 10, 10\)\]"):
+        lowbit.export(model, tmp_path / "b.onnx", example_inputs=(x[:1], x[:1]))
+    with pytest.raises(ExportError, match="a tensor or a tuple of tensors, got dict"):
+        lowbit.export(model, tmp_path / "c.onnx", example_inputs={"x": x[:1]})
+    path = lowbit.export(model, tmp_path / "d.onnx", example_inputs=x[:1].numpy())  # (a numpy array works)
+    assert rt.load_session(path).run(x.numpy())[0].shape == (8, 4 * 8 * 8)
+    assert not any(p.name.endswith(".onnx") for p in tmp_path.iterdir() if p.name != "d.onnx")
+
+
+def test_onnx_fp32_takes_layers_the_integer_formats_refuse(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(40, 3))
+    lowbit.quantize(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv1d", "Linear"]}], "qat")
+    x = torch.randn(5, 2, 10)
+    model(x)
+    model.eval()
+    with pytest.raises(ExportError, match="Conv1d layers cannot be exported"):
+        lowbit.export(model, tmp_path / "q.onnx", example_inputs=x[:1])
+    path = lowbit.export(model, tmp_path / "f.onnx", format="onnx-fp32", example_inputs=x[:1])
+    float_model = nn.Sequential(*[getattr(m, "module", m) for m in model])  # quantizers dropped
+    with torch.no_grad():
+        ref = float_model(x).numpy()
+    np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], ref, atol=1e-5, rtol=1e-5)

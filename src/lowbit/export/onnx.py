@@ -233,12 +233,14 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
         layer = wrapper.module
         if isinstance(layer, nn.Linear):
             kind = "linear"
+        elif fmt == "onnx-fp32":  # (the float layer is traced as it is: any layer PyTorch exports)
+            kind = type(layer).__name__.lower()
         elif isinstance(layer, nn.Conv2d):
             kind = "conv2d"
-            if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            if layer.padding_mode != "zeros":
                 raise ExportError(
-                    f"layer {name!r}: Conv2d with padding={layer.padding!r}, padding_mode="
-                    f"{layer.padding_mode!r} is not supported; use explicit zero padding"
+                    f"layer {name!r}: Conv2d with padding_mode={layer.padding_mode!r} is not supported; use "
+                    "zero padding (padding_mode='zeros')"
                 )
         else:
             raise ExportError(
@@ -378,6 +380,11 @@ class _Marker(nn.Module):
         self.index = index
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.layer, nn.Conv2d) and x.dim() == 3:
+            raise ExportError(
+                f"a quantized Conv2d got an unbatched input of shape {tuple(x.shape)}: ONNX's Conv takes a batch; "
+                "give example_inputs with a batch dimension (x[None], or a batch of one)"
+            )
         return _QLayerOp.apply(x, self.index, self.layer(x))
 
 
@@ -635,7 +642,7 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
         end, final = final, b.unique(f"{pre}/nobias")
     if conv:
         m = p.module
-        pads = [int(v) for v in m.padding] * 2
+        pads = _conv_pads(m)
         attrs = dict(strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=int(m.groups),
                      kernel_shape=list(m.kernel_size))
         b.node_to("Conv", [x, w] + ([bias] if bias else []), final, f"{pre}/Conv", **attrs)
@@ -659,6 +666,17 @@ def _rewrite_layer(b: _Builder, p: LayerPlan, x: str, out_name: str, rank: int |
     if p.act_out is not None:
         y = _qdq_act(b, final, p.act_out, f"{pre}/output")
         b.node_to("Identity", [y], out_name, f"{pre}/out")
+
+
+def _conv_pads(m: nn.Conv2d) -> list[int]:
+    """ONNX ``pads`` (begins, then ends) of a zero-padded Conv2d: its explicit padding, or
+    ``"valid"`` (none) and ``"same"`` (PyTorch's split: the larger half at the end)."""
+    if m.padding == "valid":
+        return [0, 0, 0, 0]
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    return [int(v) for v in m.padding] * 2
 
 
 def _ranks(model) -> dict[str, int]:
@@ -905,8 +923,12 @@ def export_onnx_bytes(
             raise ExportError("example_inputs are needed to trace a model that is not a lowbit VAE")
         traced, args, in_names, out_names = d
     else:
-        if isinstance(example_inputs, Tensor):  # one input given bare: model(x), not model(*x)
+        if isinstance(example_inputs, (Tensor, np.ndarray)):  # one input given bare: model(x), not model(*x)
             example_inputs = (example_inputs,)
+        if not isinstance(example_inputs, (tuple, list)):
+            raise ExportError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+        example_inputs = tuple(torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else t
+                               for t in example_inputs)
         # (the copy is float32, and so are the exported graph's inputs: a float16/bfloat16/float64
         # example is traced as the float32 tensor the graph will take)
         traced, args = work, tuple((t.cpu().float() if t.is_floating_point() else t.cpu()) if isinstance(t, Tensor) else t
@@ -914,8 +936,16 @@ def export_onnx_bytes(
         in_names = list(input_names or [f"input{i}" if i else "x" for i in range(len(args))])
         out_names = list(output_names or [])
         if not out_names:
-            with torch.no_grad():
-                out = work(*args)
+            try:
+                with torch.no_grad():
+                    out = work(*args)
+            except ExportError:
+                raise
+            except Exception as e:
+                shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in args]
+                raise ExportError(f"the model does not run on example_inputs {shapes}: {type(e).__name__}: {e}; "
+                                  "give the inputs its forward takes (a tuple, one entry per argument, with a "
+                                  "batch dimension)") from e
             k = len(out) if isinstance(out, (tuple, list)) else 1
             out_names = [f"output{i}" for i in range(k)]
     onnx_model = _trace(traced, args, list(in_names), list(out_names), dynamic_batch,
