@@ -233,3 +233,23 @@ def test_an_empty_batch_passes_through_as_through_the_plain_layer(method):
             before = m[0].input_quantizer.grid().to_dict()
             assert m(torch.empty(0, 16)).shape == (0, 8)
             assert m[0].input_quantizer.grid().to_dict() == before
+
+
+@pytest.mark.parametrize("method,extra", [("qat", {}), ("ptq", {"calibration": "percentile"})])
+def test_tensor_path_tracks_the_host_paths_range_bit_for_bit(method, extra):
+    # the tensor path (GPUs, torch.compile) moved its EMA / running mean with a float32 lerp_, one
+    # ulp off the host path's now and then (51 of 200 steps here): another grid than the CPU's
+    def run(tensor_path: bool) -> list:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(30, 8))
+        lowbit.quantize(m, [{"quant_types": ["input"], "quant_bits": 8, "op_names": ["0"], **extra}], method)
+        q, out = m[0].input_quantizer, []
+        for i in range(200):
+            x = torch.randn(16, 30) * (1 + (i % 7)) + 0.37 * i / 50
+            with torch.no_grad(), (lowbit.tensor_path() if tensor_path else contextlib.nullcontext()):
+                m.train()(x) if method == "qat" else lowbit.calibrate(m, [x])
+            lo, hi = q.tracked_range()
+            out.append((lo.item(), hi.item(), q.grid().scale.item()))
+        return out
+
+    assert run(False) == run(True)

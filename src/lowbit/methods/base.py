@@ -735,16 +735,13 @@ class RangeQuantizer(Quantizer):
         if not st[0] or self.tracking == "current":
             self.tracked_min.copy_(lo_t)
             self.tracked_max.copy_(hi_t)
-        elif self.tracking == "ema":
-            self.tracked_min.lerp_(lo_t, 1.0 - self.decay)
-            self.tracked_max.lerp_(hi_t, 1.0 - self.decay)
         elif self.tracking == "minmax":
             torch.minimum(self.tracked_min, lo_t, out=self.tracked_min)
             torch.maximum(self.tracked_max, hi_t, out=self.tracked_max)
-        else:
-            w = 1.0 / (st[2] + 1)
-            self.tracked_min.lerp_(lo_t, w)
-            self.tracked_max.lerp_(hi_t, w)
+        else:  # ema, or percentile's running mean
+            w = 1.0 - self.decay if self.tracking == "ema" else 1.0 / (st[2] + 1)
+            self._move_toward(self.tracked_min, lo_t, w)
+            self._move_toward(self.tracked_max, hi_t, w)
         if self.tracking == "percentile":
             st[2] += 1
             self.batches.fill_(st[2])
@@ -756,6 +753,17 @@ class RangeQuantizer(Quantizer):
             st[0] = True
         st[4] = None
         self._note_buffers()
+
+    @staticmethod
+    def _move_toward(t: Tensor, v: Tensor, w: float) -> None:
+        """``t <- t + w (v - t)`` as the host path computes it (in float64, rounded to float32
+        once), so a GPU's tracked range is the CPU's bit for bit (a float32 ``lerp_`` was one ulp
+        off it now and then); MPS, which has no float64, takes ``lerp_``."""
+        if t.device.type == "mps":
+            t.lerp_(v, w)
+            return
+        d = t.double()
+        t.copy_(d + w * (v.double() - d))
 
     def _finite_range(self, lo_t: Tensor, hi_t: Tensor) -> tuple[Tensor, Tensor]:
         """A batch range to observe, with a NaN/inf in it handled: on the CPU, the same ValueError as
