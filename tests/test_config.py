@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -225,3 +227,18 @@ def test_config_errors_come_before_any_change_to_the_model():
         lowbit.quantize(model, [{**W8, "op_names": ["fc1"]}, {**W8, "op_names": ["nope"]}], "qat")
     assert isinstance(model.fc1, nn.Linear)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_exclude_false_is_ambiguous():
+    # NNI excludes a layer whenever the key is present (even False); lowbit quantized it
+    assert "'exclude': False is ambiguous" in _err([{**W8, "op_names": ["fc1"], "exclude": False}])
+
+
+def test_default_op_types_warn_about_the_layers_nni_would_also_take():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 4), nn.ConvTranspose1d(4, 4, 3))
+    with pytest.warns(UserWarning, match="ConvTranspose1d, Embedding layers, which NNI's 'default' also took, stay float"):
+        specs = parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]}], model, "qat")
+    assert list(specs) == ["1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]}], nn.Sequential(nn.Linear(8, 4)), "qat")

@@ -28,6 +28,7 @@ entries that select nothing.  Errors are :class:`ConfigError` (a ``ValueError``)
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -213,6 +214,11 @@ def _unknown_key_message(key: str, method_cls: type["Method"], where: str) -> st
     return f"{where}: unknown key {key!r}{hint}; the keys {method_cls.name} accepts are {', '.join(allowed)}"
 
 
+#: the module types NNI 2.x's ``op_types: ['default']`` quantizes (its ``weighted_modules``)
+_NNI_WEIGHTED = frozenset({"Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                           "Linear", "Bilinear", "PReLU", "Embedding", "EmbeddingBag"})
+
+
 def parse_config(
     config_list: Sequence[Mapping[str, Any]],
     model: nn.Module,
@@ -264,6 +270,7 @@ def parse_config(
                 raise ConfigError(_unknown_key_message(key, method_cls, where))
 
         # --- which layers
+        exclude_entry = entry.get("exclude") is True
         if "op_types" not in entry and "op_names" not in entry:
             raise ConfigError(f"{where}: give 'op_types' or 'op_names' (or both) to say which layers it selects")
         selected = list(layers)
@@ -273,6 +280,14 @@ def parse_config(
             for t in op_types:
                 if t == "default":
                     wanted.update(LAYER_TYPES)
+                    left = sorted({v for v in all_modules.values() if v in _NNI_WEIGHTED and v not in LAYER_TYPES})
+                    if left and not exclude_entry:
+                        warnings.warn(
+                            f"{where}: op_types 'default' selects the layer types lowbit quantizes "
+                            f"({', '.join(LAYER_TYPES)}); this model's {', '.join(left)} layers, which NNI's "
+                            "'default' also took, stay float",
+                            stacklevel=3,
+                        )
                 elif t in LAYER_TYPES:
                     wanted.add(t)
                 elif t in all_modules.values():
@@ -328,6 +343,9 @@ def parse_config(
         exclude = entry.get("exclude", False)
         if not isinstance(exclude, bool):
             raise ConfigError(f"{where}: 'exclude' must be True or False, got {exclude!r}")
+        if "exclude" in entry and not exclude:
+            raise ConfigError(f"{where}: 'exclude': False is ambiguous: NNI excludes the selected layers whenever the "
+                              "key is present, whatever its value; remove the key to quantize them, or set True")
         if exclude:
             extra = [k for k in entry if k not in ("op_types", "op_names", "exclude")]
             if extra:
