@@ -219,3 +219,35 @@ def test_a_run_whose_config_this_lowbit_refuses_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"meta.json: this lowbit refuses the run's quantization config .*"
                                               r"quant_dtype 'uint'.*retrain the run"):
         load_model(tmp_path / "run")
+
+
+def _as_saved_by(run: str, version: str) -> None:
+    path = os.path.join(run, "meta.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["lowbit"] = version
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+def test_runs_of_0_3_7_load_with_the_meaning_their_config_had(tmp_path):
+    import lowbit
+
+    # 0.3.7 made symmetric activations without quant_dtype unsigned (0.3.8: signed) and quantized
+    # under 'exclude': False (0.3.8: refused); its runs load as they were trained
+    saved = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"],
+              "quant_scheme": {"input": "symmetric", "weight": "affine"}, "exclude": False}]
+    built = [{**{k: v for k, v in saved[0].items() if k != "exclude"}, "quant_dtype": {"input": "uint"}}]
+    model = lowbit.quantize(VAE(), built, "qat")
+    lowbit.calibrate(model, [torch.rand(16, 784)])
+    run = str(tmp_path / "run")  # (a str path too: its error branch used to fail on str / str)
+    save_run(run, model, model_spec={"name": "vae", "kwargs": {}},
+             quant={"method": "qat", "config_list": saved, "options": {}})
+    with pytest.raises(CheckpointError, match="refuses the run's quantization config"):
+        load_model(run)  # (recorded as 0.3.8's own: its config means what 0.3.8 reads)
+    _as_saved_by(run, "0.3.7")
+    loaded = load_model(run)
+    assert loaded.fc1.input_quantizer.spec.dtype == "uint"
+    x = torch.rand(4, 784)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])

@@ -439,3 +439,20 @@ def test_torch_export_on_the_cpu_asks_for_the_tensor_path():
     with lowbit.tensor_path():
         exported = torch.export.export(m, (x,))
     assert torch.equal(exported.module()(x), m(x))
+
+
+def test_a_layers_backward_hook_sees_the_input_its_forward_pre_hooks_made():
+    # as nn.Module: grad_input is the gradient with respect to the pre-hooks' output
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4))
+    seen = {}
+    m[0].register_forward_pre_hook(lambda mod, args: (2 * args[0],))
+
+    def hook(mod, gin, gout):
+        seen["gin"] = gin[0].clone()
+
+    m[0].register_full_backward_hook(hook)
+    lowbit.quantize(m, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"]}], "qat")
+    x = torch.randn(16, 8, requires_grad=True)
+    m(x).sum().backward()
+    assert torch.allclose(seen["gin"] * 2, x.grad)  # dL/dx = 2 dL/d(2x)

@@ -239,8 +239,47 @@ def _check_meta_fields(meta: dict, path: Path) -> None:
             raise CheckpointError(f"{path}: 'quant'.{key} must be an object, found {quant[key]!r}; {fix}")
 
 
+def _version(v: Any) -> tuple[int, ...]:
+    """``"0.3.7"`` -> ``(0, 3, 7)``; ``(0,)`` for a run that recorded none (the oldest)."""
+    try:
+        return tuple(int(p) for p in str(v).split(".")[:3])
+    except ValueError:
+        return (0,)
+
+
+def _legacy_config(config_list: list, method: str, version: tuple[int, ...]) -> list:
+    """A run's config_list as this lowbit reads it to mean what the saving version did: before
+    0.3.8, ``exclude: False`` quantized (now refused as ambiguous), and QAT/PTQ symmetric
+    activations without ``quant_dtype`` were unsigned (now signed)."""
+    if version >= (0, 3, 8):
+        return config_list
+    out = []
+    for e in config_list:
+        if isinstance(e, dict):
+            e = {k: v for k, v in e.items() if not (k == "exclude" and v is False)}
+            if method in ("qat", "ptq"):
+                e = _unsigned_symmetric_activations(e)
+        out.append(e)
+    return out
+
+
+def _unsigned_symmetric_activations(entry: dict) -> dict:
+    """``entry`` with ``quant_dtype: uint`` for its symmetric activation types that had no dtype."""
+    scheme, dtype = entry.get("quant_scheme"), entry.get("quant_dtype")
+    if scheme is None or isinstance(dtype, str):
+        return entry
+    unsigned = {}
+    for t in ("input", "output"):
+        s_t = scheme.get(t) if isinstance(scheme, dict) else scheme
+        given = isinstance(dtype, dict) and t in dtype
+        if t in (entry.get("quant_types") or []) and isinstance(s_t, str) and "symmetric" in s_t and not given:
+            unsigned[t] = "uint"
+    return {**entry, "quant_dtype": {**(dtype or {}), **unsigned}} if unsigned else entry
+
+
 def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
     """Rebuild the model saved in ``run_dir`` (quantized if it was) with its trained state."""
+    run_dir = Path(run_dir)
     state, meta = load_state(run_dir)
     spec = meta.get("model") or {}
     try:
@@ -255,7 +294,8 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
         if defaults is None:  # saved by lowbit < 0.2.0
             defaults = _LEGACY_DEFAULTS.get(quant["method"], {})
         try:
-            quantize(model, quant["config_list"], method=quant["method"], **{**defaults, **quant.get("options", {})})
+            config = _legacy_config(quant["config_list"], quant["method"], _version(meta.get("lowbit")))
+            quantize(model, config, method=quant["method"], **{**defaults, **quant.get("options", {})})
         except ConfigError as e:  # a config an older lowbit accepted and this one refuses
             raise CheckpointError(f"{run_dir / META}: this lowbit refuses the run's quantization config ({e}); "
                                   "retrain the run with a config this version accepts") from e

@@ -140,13 +140,6 @@ class QuantWrapper(nn.Module):
         pre-hooks: gradients with respect to the wrapper's input and output, as ``nn.Module`` sets
         them up; the deprecated non-full ones on the output's gradient function)."""
         m = self.module
-        bw_hook, non_full = None, []
-        if m._backward_hooks or m._backward_pre_hooks:
-            full, non_full = m._get_backward_hooks()
-            pre = m._get_backward_pre_hooks()
-            if full or pre:
-                bw_hook = torch.utils.hooks.BackwardHook(m, full, pre)
-                (x,) = bw_hook.setup_input_hook((x,))
         args: tuple[Any, ...] = (x,)
         for hid, hook in list(m._forward_pre_hooks.items()):
             if hid in m._forward_pre_hooks_with_kwargs:
@@ -157,6 +150,13 @@ class QuantWrapper(nn.Module):
                 res = hook(m, args)
                 if res is not None:
                     args = res if isinstance(res, tuple) else (res,)
+        bw_hook, non_full = None, []
+        if m._backward_hooks or m._backward_pre_hooks:  # (set up after the pre-hooks, as nn.Module does)
+            full, non_full = m._get_backward_hooks()
+            pre = m._get_backward_pre_hooks()
+            if full or pre:
+                bw_hook = torch.utils.hooks.BackwardHook(m, full, pre)
+                args = bw_hook.setup_input_hook(args)
         y = self._forward(*args)
         for hid, hook in list(m._forward_hooks.items()):
             res = hook(m, args, {}, y) if hid in m._forward_hooks_with_kwargs else hook(m, args, y)
