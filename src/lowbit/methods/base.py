@@ -450,23 +450,25 @@ def member(module: nn.Module, name: str) -> Any:
     return v
 
 
-def distributed() -> bool:
-    """Whether this process trains with others (``torch.distributed`` initialised, more than one
-    process, outside ``torch.compile``): quantizer statistics taken from a batch are then reduced
-    over every process's batch, so each process quantizes on the same grid (DDP keeps parameters
-    equal, not statistics; BatchNorm needs SyncBatchNorm for this)."""
-    d = torch.distributed
-    return (not torch.compiler.is_compiling() and d.is_available() and d.is_initialized()
-            and d.get_world_size() > 1)
+def ddp_group() -> Any | None:
+    """The process group of the ``DistributedDataParallel`` forward pass running now, over which a
+    quantizer reduces the statistics it takes from a batch, so every process quantizes on the same
+    grid (DDP keeps parameters equal, not statistics; BatchNorm needs SyncBatchNorm for this).
+    ``None`` outside a DDP forward pass (a model called directly, ``lowbit.calibrate``: the batch's
+    own statistics), inside ``torch.compile``, and under DDP's ``join()`` (uneven inputs), whose
+    shadow collectives cover only DDP's own."""
+    if torch.compiler.is_compiling() or not torch.distributed.is_available():
+        return None
+    ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is None or ddp._join_config.enable:
+        return None
+    return ddp.process_group
 
 
-def all_reduce_(t: Tensor, op: str) -> Tensor:
-    """``t`` reduced in place over the default process group: ``"max"``, ``"min"`` or ``"mean"``."""
+def all_reduce_(t: Tensor, op: str, group: Any) -> Tensor:
+    """``t`` reduced in place over ``group``: ``"max"``, ``"min"`` or ``"sum"``."""
     d = torch.distributed
-    if op == "mean":
-        d.all_reduce(t, op=d.ReduceOp.SUM)
-        return t.div_(d.get_world_size())
-    d.all_reduce(t, op=d.ReduceOp.MAX if op == "max" else d.ReduceOp.MIN)
+    d.all_reduce(t, op={"max": d.ReduceOp.MAX, "min": d.ReduceOp.MIN, "sum": d.ReduceOp.SUM}[op], group=group)
     return t
 
 
@@ -656,22 +658,35 @@ class RangeQuantizer(Quantizer):
         return problem
 
     # -- observation --------------------------------------------------------------------------
-    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        lo, hi = self._local_range(x)
-        if self._reduced():
-            # every process's batch: the range of all of them (ema, minmax), the mean of their
-            # percentiles (one collective for both ends)
-            if self.tracking == "percentile":
-                both = all_reduce_(torch.stack([lo.float(), hi.float()]), "mean")
-                return both[0], both[1]
-            both = all_reduce_(torch.stack([-lo.float(), hi.float()]), "max")
-            return -both[0], both[1]
-        return lo, hi
+    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The batch's range (per channel, or percentiles); over every process's batch in a DDP
+        forward pass (:func:`ddp_group`): the range of all of them (ema, minmax), the mean of their
+        percentiles, one collective for both ends, an empty batch taking part with neutral values.
+        ``None``: no process had a value."""
+        group = self._reduce_group()
+        if group is None:
+            return self._local_range(x)
+        empty = x.numel() == 0
+        if self.tracking == "percentile":
+            v = torch.zeros(3, device=x.device) if empty else torch.stack([*(t.float() for t in self._local_range(x)),
+                                                                           torch.ones((), device=x.device)])
+            all_reduce_(v, "sum", group)
+            return None if v[2] == 0 else (v[0] / v[2], v[1] / v[2])
+        if empty:
+            v = torch.full((2,), -math.inf, device=x.device)
+        else:
+            lo, hi = self._local_range(x)
+            v = torch.stack([-lo.float(), hi.float()])
+        all_reduce_(v, "max", group)
+        return None if v[1] == -math.inf else (-v[0], v[1])
+
+    def _reduce_group(self) -> Any | None:
+        """The process group this quantizer's observations are reduced over (:func:`ddp_group`):
+        tracked activation ranges; a weight's current range is the same in every process."""
+        return ddp_group() if self.tracking != "current" and self.axis is None else None
 
     def _reduced(self) -> bool:
-        """Whether this quantizer's observations are reduced over processes (:func:`distributed`):
-        tracked activation ranges; a weight's current range is the same in every process."""
-        return self.tracking != "current" and distributed()
+        return self._reduce_group() is not None
 
     def _local_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = x.detach()
@@ -689,11 +704,18 @@ class RangeQuantizer(Quantizer):
 
     def observe(self, x: Tensor) -> None:
         """Update the tracked range with ``x`` and recompute scale and zero point."""
-        lo_t, hi_t = self._batch_range(x)
+        both = self._batch_range(x)
+        if both is None:
+            return
+        lo_t, hi_t = both
         if self.axis is None and on_host(x):
             self._observe_py(lo_t.item(), hi_t.item())
         else:
             self._observe_tensor(lo_t, hi_t)
+        if self._reduced():
+            # DDP broadcasts process 0's buffers to the others before each forward pass (they are
+            # read there as a copied state): keep them current, not lazily written
+            self._flush()
 
     def _observe_py(self, lo: float, hi: float) -> None:
         if lo != lo or hi != hi:
@@ -858,6 +880,8 @@ class RangeQuantizer(Quantizer):
     @float32_codes
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:  # an empty batch: nothing to observe, nothing to quantize
+            if self.training and not in_backward() and self._reduced():
+                self.observe(x)  # (its part in the processes' reduction: the others' range)
             return x
         st = self._st
         if not torch.compiler.is_compiling() and self._buffers_written():

@@ -39,7 +39,7 @@ from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (MIN_SCALE, AffineGrid, affine_qparams, exact_div, float32_codes, fusable, lsq_fake_quantize,
                           qrange)
 from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, all_reduce_, check_finite,
-                   distributed, in_backward, is_bool, member, one_of, register_method)
+                   ddp_group, in_backward, is_bool, member, one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
 
@@ -129,20 +129,45 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def _init_from(self, x: Tensor) -> None:
-        if x.numel() == 0:
+        # in a DDP forward pass (activations: DDP broadcasts the weights' steps), every process
+        # starts from the same step: the sign of all first batches, the mean of their steps (and
+        # offsets); a process with an empty batch takes part with neutral values
+        group = None if self.is_weight else ddp_group()
+        empty = x.numel() == 0
+        if empty and group is None:
             raise ValueError(f"this LSQ {self.quant_type} quantizer initialises its step from its first batch, "
                              "which is empty: start training (or lowbit.calibrate) with a non-empty batch")
-        check_finite(x)
+        if not empty:
+            check_finite(x)
         if not x.is_floating_point():  # (an integer input: its values are what the grid sees)
             x = x.float()
-        sync = not self.is_weight and distributed()  # (weights: DDP broadcasts the steps)
         if self._auto_sign:
-            lowest = x.min().float()
-            if sync:  # signed wherever any process's first batch has a negative value
-                all_reduce_(lowest, "min")
+            lowest = torch.full((), math.inf, device=self.scale.device) if empty else x.min().float()
+            if group is not None:
+                all_reduce_(lowest, "min", group)
+            if lowest == math.inf:  # (every process's batch was empty: a later one initialises)
+                return
             signed = bool(lowest < 0)
             self.signed.fill_(signed)
             self._set_range(signed)
+        if not empty:
+            self._init_step(x)
+        if group is not None:
+            parts = [self.scale.data.reshape(()), torch.zeros((), device=self.scale.device)]
+            if self.zero_point is not None:
+                parts[1] = self.zero_point.data.reshape(())
+            v = torch.stack([*parts, torch.ones((), device=self.scale.device)]) * (0.0 if empty else 1.0)
+            all_reduce_(v, "sum", group)
+            if v[2] == 0:
+                return
+            self.scale.copy_((v[0] / v[2]).reshape(self.scale.shape))
+            if self.zero_point is not None:
+                self.zero_point.copy_((v[1] / v[2]).reshape(self.zero_point.shape))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _init_step(self, x: Tensor) -> None:
+        """The step (and offset) from the tensor ``x`` alone (see the module docstring)."""
         if self.learn_offset:
             if self.plus_init == "paper":
                 lo, hi = mse_range(x, self.qmin, self.qmax)
@@ -163,12 +188,6 @@ class LSQQuantizer(Quantizer):
             else:
                 mean_abs = x.abs().mean()
             self.scale.copy_(exact_div(2 * mean_abs, math.sqrt(self._qp)).clamp(min=MIN_SCALE))
-        if sync:  # every process starts from the mean of their first batches' steps (and offsets)
-            all_reduce_(self.scale.data, "mean")
-            if self.zero_point is not None:
-                all_reduce_(self.zero_point.data, "mean")
-        self.initialized.fill_(True)
-        self._initialized = True
 
     @float32_codes
     def forward(self, x: Tensor) -> Tensor:
@@ -176,13 +195,17 @@ class LSQQuantizer(Quantizer):
             self._sync()
         if not self._initialized:
             if x.numel() == 0:  # an empty batch: nothing to initialise from, nothing to quantize
-                return x
-            if not self.training:
+                if self.training and not self.is_weight and not in_backward() and ddp_group() is not None:
+                    self._init_from(x)  # (its part in the processes' initialisation)
+                if not self._initialized:
+                    return x
+            elif not self.training:
                 raise NotCalibratedError(
                     f"this LSQ {self.quant_type} quantizer has seen no data: its step is initialised "
                     "from the first training batch (or lowbit.calibrate(model, batches))"
                 )
-            self._init_from(x.detach())
+            else:
+                self._init_from(x.detach())
         return lsq_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._grad_factor(x), self.axis)
 
     def replay_problem(self, steps_ahead: int = 0) -> str | None:
