@@ -237,6 +237,18 @@ def test_resume_checks_the_weights_and_an_interrupted_rerun_drops_the_old_record
         run_experiment(quick, train, test, tmp_path / "q", init=tmp_path / "fp32", progress=False)
     opt_file.write_bytes(opt_state)
     assert _finished(tmp_path / "fp32", key) is not None
+    # and its meta.json, which rebuilds the model (an edited one was reused, and the report then
+    # failed on every rerun)
+    meta = tmp_path / "fp32" / "meta.json"
+    meta_text = meta.read_text()
+    edited = json.loads(meta_text)
+    edited["model"]["kwargs"] = {"latent": 10}
+    meta.write_text(json.dumps(edited))
+    assert _finished(tmp_path / "fp32", key) is None
+    meta.unlink()
+    assert _finished(tmp_path / "fp32", key) is None
+    meta.write_text(meta_text)
+    assert _finished(tmp_path / "fp32", key) is not None
     # a run with other settings started in that folder and killed before it finished: the old
     # record must not stay beside files that are no longer its own
     ptq = RunSpec(name="ptq", epochs=1, batch_size=64, iwae_k=0, method="ptq", config_list=[

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, ensure_dir, optimizer_digest, read_json, weights_digest, write_json
+from .checkpoint import (META, CheckpointError, ensure_dir, load_state, optimizer_digest, read_json, weights_digest,
+                         write_json)
 from .experiment import EVAL_FIELDS, RECORD, RunSpec, check_device, machine_info, reevaluate, run_experiment
 from .methods import get_method
 from .presets import REFERENCE, reference_config
@@ -195,14 +196,20 @@ def _finished(folder: Path, key: str) -> dict | None:
     if not isinstance(record, dict) or record.get("key") != key or "after" not in record:
         return None
     digest = weights_digest(folder)
-    damaged = "weights" if digest is None or record.get("weights_sha256", digest) != digest else None
-    if damaged is None and "optimizer_sha256" in record and optimizer_digest(folder) != record["optimizer_sha256"]:
-        damaged = "optimizer state"
+    damaged = None
+    if digest is None or record.get("weights_sha256", digest) != digest:
+        damaged = "weights are missing or not the ones"
+    elif "optimizer_sha256" in record and optimizer_digest(folder) != record["optimizer_sha256"]:
+        damaged = "optimizer state is missing or not the one"
+    else:
+        try:  # (its meta.json rebuilds the model the weights belong to: the report and the next runs read it)
+            load_state(folder)
+        except CheckpointError:
+            damaged = f"{META} is missing or not the one"
     if damaged is not None:
         from .progress import console
 
-        console.print(f"[yellow]{folder}: its {damaged} {'is' if damaged != 'weights' else 'are'} missing or not the "
-                      "ones its record was made with; redoing that run[/yellow]")
+        console.print(f"[yellow]{folder}: its {damaged} its record was made with; redoing that run[/yellow]")
         return None
     return record
 
