@@ -26,7 +26,9 @@ def test_help_lists_every_command(capsys):
      (["train", "--dataset", "cifar"], "invalid choice"), (["study", "--bits", "8,0"], "1..16"),
      (["study", "--seeds", "x"], "positive integer"), (["train", "--option", "dorefa_variant"], "KEY=VALUE"),
      (["train", "--lr", "-1"], "argument --lr: expected a positive number, got -1.0"),
-     (["train", "--lr", "0"], "argument --lr: expected a positive number, got 0.0")],
+     (["train", "--lr", "0"], "argument --lr: expected a positive number, got 0.0"),
+     (["train", "--iwae-k", "-5"], "argument --iwae-k: expected an integer >= 0, got -5"),
+     (["study", "--iwae-k", "-1"], "argument --iwae-k: expected an integer >= 0, got -1")],
 )
 def test_bad_arguments_are_refused_with_a_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -79,6 +81,16 @@ def test_study_defaults_match_the_reference_protocol():
     assert quick.epochs == quick.finetune_epochs == 1
     twice = StudyConfig.from_args(build_parser().parse_args(["study", "--methods", "qat,LSQ,qat, lsq"]))
     assert twice.methods == ("qat", "lsq")  # (each planned once: it resumed "5 runs" for 2)
+    assert StudyConfig.from_args(build_parser().parse_args(["study", "--bits", "8,4,8"])).bits == (8, 4)
+    with pytest.raises(ValueError, match="--methods ',' names no method"):
+        StudyConfig.from_args(build_parser().parse_args(["study", "--methods", ","]))
+    assert StudyConfig.from_args(build_parser().parse_args(["study", "--methods", "ptq"])).ptq
+
+
+def test_bench_help_states_its_thread_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "(default: 1, for every row alike)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_options_are_parsed_as_json_values_and_reach_the_study():

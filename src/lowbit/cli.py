@@ -43,6 +43,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -50,7 +60,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,4,3,2, got {text!r}") from None
     if not values or any(not 1 <= v <= 16 for v in values):
         raise argparse.ArgumentTypeError(f"bit widths must lie in 1..16, got {text!r}")
-    return values
+    return list(dict.fromkeys(values))  # (a width named twice is studied once)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -75,11 +85,11 @@ def _add_option_arg(p: argparse.ArgumentParser, where: str) -> None:
                         "lsq_plus=true, weight_range=reduced; see docs/QUANTIZERS.md)")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, threads: str = "torch's choice") -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder with the four IDX files (default: $LOWBIT_DATA_DIR, then the user cache)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help=f"torch threads (default: {threads})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -107,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     t.add_argument("--seed", type=int, default=0, help="seed for shuffling and noise (default 0)")
     t.add_argument("--out", type=Path, default=Path("runs/fp32"), help="run folder to write (default runs/fp32)")
-    t.add_argument("--iwae-k", type=int, default=64, help="samples for the IWAE bound, 0 to skip (default 64)")
+    t.add_argument("--iwae-k", type=_nonneg_int, default=64, help="samples for the IWAE bound, 0 to skip (default 64)")
     t.add_argument("--init", type=Path, default=None, help="start from this run folder (weights and Adam state)")
     t.add_argument("--method", default=None, help="quantize with this method: qat, dorefa, lsq, ptq")
     t.add_argument("--config", default=None,
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ptq", action="store_true", help="skip the PTQ runs")
     s.add_argument("--no-control", action="store_true", help="skip the equal-budget fp32 control")
     s.add_argument("--no-deploy", action="store_true", help="skip the real-deployment (ONNX) table")
-    s.add_argument("--iwae-k", type=int, default=None, help="IWAE samples (default 64; --quick 8)")
+    s.add_argument("--iwae-k", type=_nonneg_int, default=None, help="IWAE samples (default 64; --quick 8)")
     _add_option_arg(s, "(each goes to the methods that accept it)")
     _add_data_args(s)
     _add_device_arg(s)
@@ -158,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run quantized to <= 4-bit weights for the int4 row (default: RUN_DIR itself if it is)")
     b.add_argument("--repeats", type=_positive_int, default=5, help="interleaved repetitions (default 5)")
     b.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    _add_data_args(b)
+    _add_data_args(b, threads="1, for every row alike")
     return parser
 
 

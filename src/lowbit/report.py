@@ -14,6 +14,12 @@ from .presets import REFERENCE_EPOCHS, reference_loss
 __all__ = ["print_run_table", "fmt"]
 
 
+def _signed(v: float) -> str:
+    """``v`` with its sign to 2 decimals; a value that rounds to zero is ``0.00`` (not ``-0.00``)."""
+    text = f"{v:+.2f}"
+    return "0.00" if float(text) == 0 else text
+
+
 def fmt(value: Any, digits: int = 2) -> str:
     """A number for a table; ``—`` for missing values."""
     if value is None:
@@ -178,11 +184,11 @@ def _summary_text(summary: dict, has_control: bool, has_baseline: bool) -> list[
             if diffs:
                 lo, hi = min(diffs), max(diffs)
                 head = f"Against the equal-budget fp32 control ({control['loss']['mean']:.2f} nats), the fine-tuned"
-                lines.append(f"{head} {bits}-bit run ({lo[1]}) differs by {lo[0]:+.2f} nats." if len(diffs) == 1 else
-                             f"{head} {bits}-bit runs differ by {lo[0]:+.2f} ({lo[1]}) to {hi[0]:+.2f} ({hi[1]}) nats.")
+                lines.append(f"{head} {bits}-bit run ({lo[1]}) differs by {_signed(lo[0])} nats." if len(diffs) == 1 else
+                             f"{head} {bits}-bit runs differ by {_signed(lo[0])} ({lo[1]}) to {_signed(hi[0])} ({hi[1]}) nats.")
     for c in summary["cells"]:
         if c["kind"] == "ptq" and c.get("vs_start"):
-            lines.append(f"PTQ at {c['bits']} bits (no training) costs {c['vs_start']['mean']:+.2f} nats against the "
+            lines.append(f"PTQ at {c['bits']} bits (no training) costs {_signed(c['vs_start']['mean'])} nats against the "
                          f"fp32 model it quantizes.")
     return lines
 
@@ -198,9 +204,9 @@ def _pm(stats: dict | None, digits: int = 2) -> str:
 def _diff(stats: dict | None) -> str:
     if stats is None:
         return "—"
-    text = f"{stats['mean']:+.2f}"
+    text = _signed(stats['mean'])
     if stats["ci95"] is not None:
-        text += f" [{stats['ci95'][0]:+.2f}, {stats['ci95'][1]:+.2f}]" + (" *" if stats["significant"] else "")
+        text += f" [{_signed(stats['ci95'][0])}, {_signed(stats['ci95'][1])}]" + (" *" if stats["significant"] else "")
     return text
 
 
@@ -353,7 +359,7 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
                      fmt(rec["before"]["loss"]) if rec["before"] else "—", fmt(rec["after"]["loss"]),
                      fmt(rec["after"]["iwae"])])
         ref = reference_loss(run.spec.method, run.spec.config_list, run.spec.dataset, (cfg.epochs, cfg.finetune_epochs))
-        rows[-1] += [fmt(ref), f"{rec['after']['loss'] - ref:+.2f}"] if ref is not None else ["—", "—"]
+        rows[-1] += [fmt(ref), _signed(rec['after']['loss'] - ref)] if ref is not None else ["—", "—"]
     md.append(_md_table(["method", "config", "train s (baseline)", "eval s", "train s after", "eval s after",
                          "test loss", "loss after", "IWAE NLL after", "reference after", "Δ vs reference"], rows))
 

@@ -82,6 +82,8 @@ class StudyConfig:
     def from_args(cls, args: argparse.Namespace) -> "StudyConfig":
         # (a method named twice is studied once: dict keeps the first of each, in order)
         methods = tuple(dict.fromkeys(m.strip().lower() for m in args.methods.split(",") if m.strip()))
+        if not methods:
+            raise ValueError(f"--methods {args.methods!r} names no method; give e.g. --methods qat,dorefa,lsq (or ptq)")
         ptq = not args.no_ptq
         if "ptq" in methods:  # asked for explicitly: it is planned once per bit width either way
             methods = tuple(m for m in methods if m != "ptq")
