@@ -173,10 +173,23 @@ def test_missing_files_offline(tmp_path):
     with pytest.raises(data.DataError) as err:
         data.load_dataset("fashion-mnist", "train", tmp_path / "nowhere", progress=False)
     msg = str(err.value)
-    for needed in (*data.SPLITS["train"], str(tmp_path / "nowhere"), str(tmp_path / "cache" / "lowbit" / "fashion-mnist"),
+    cache = str(tmp_path / "cache" / "lowbit" / "fashion-mnist")
+    for needed in (*data.SPLITS["train"], str(tmp_path / "nowhere"),
                    "download failed", "--data-dir", "LOWBIT_DATA_DIR", "apt-get install dataset-fashion-mnist"):
         assert needed in msg
+    # a folder named explicitly is the only one searched (a wrong one fell back to the others)
+    assert cache not in msg
     assert not (tmp_path / "nowhere").exists()  # no empty folders left behind
+    with pytest.raises(data.DataError) as err:
+        data.load_dataset("fashion-mnist", "train", progress=False)
+    assert cache in str(err.value)  # (without one: the cache, and the others)
+
+
+def test_an_explicit_data_dir_is_not_replaced_by_lowbit_data_dir(tmp_path, synth, monkeypatch):
+    monkeypatch.setenv("LOWBIT_DATA_DIR", str(write(tmp_path / "env", synth)))
+    assert len(data.load_dataset("mnist", "train", download=False).images) > 0  # (the variable: found there)
+    with pytest.raises(data.DataError, match="Searched: " + str(tmp_path / "empty")):
+        data.load_dataset("mnist", "train", tmp_path / "empty", download=False)
 
 
 def test_missing_file_is_named_and_a_file_is_not_a_data_folder(tmp_path, synth):

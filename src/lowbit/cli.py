@@ -88,7 +88,8 @@ def _add_option_arg(p: argparse.ArgumentParser, where: str) -> None:
 def _add_data_args(p: argparse.ArgumentParser, threads: str = "torch's choice") -> None:
     p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"], help="data set (default mnist)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the four IDX files (default: $LOWBIT_DATA_DIR, then the user cache)")
+                   help="folder with the four IDX files, the only one searched when given (default: $LOWBIT_DATA_DIR, "
+                        "then the user cache)")
     p.add_argument("--threads", type=_positive_int, default=None, help=f"torch threads (default: {threads})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

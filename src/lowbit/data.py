@@ -1,11 +1,12 @@
 """MNIST and Fashion-MNIST as in-memory tensors, read from the standard IDX files.
 
-Files (``train-images-idx3-ubyte`` etc., gzipped or raw) are looked up in this order:
+Files (``train-images-idx3-ubyte`` etc., gzipped or raw) are looked up in the ``data_dir``
+argument (CLI ``--data-dir``) alone when it is given — a folder named explicitly is not silently
+replaced by another (before 0.3.8 a wrong one fell back to the places below) — else in this order:
 
-1. the ``data_dir`` argument (CLI ``--data-dir``),
-2. ``$LOWBIT_DATA_DIR``,
-3. the per-user cache ``$XDG_CACHE_HOME/lowbit/<dataset>`` (default ``~/.cache/lowbit/<dataset>``),
-4. for Fashion-MNIST, the Debian package folder ``/usr/share/datasets/fashion-mnist``.
+1. ``$LOWBIT_DATA_DIR``,
+2. the per-user cache ``$XDG_CACHE_HOME/lowbit/<dataset>`` (default ``~/.cache/lowbit/<dataset>``),
+3. for Fashion-MNIST, the Debian package folder ``/usr/share/datasets/fashion-mnist``.
 
 Each folder may hold the files directly or in a ``<folder>/<dataset>/`` subfolder. Missing files
 are downloaded (``$LOWBIT_MIRROR`` overrides the mirror) into the explicit ``data_dir`` or the
@@ -109,10 +110,11 @@ def _cache_dir(name: str) -> Path:
 
 
 def _search_dirs(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
-    roots = [Path(data_dir).expanduser()] if data_dir is not None else []
-    if os.environ.get("LOWBIT_DATA_DIR"):
-        roots.append(Path(os.environ["LOWBIT_DATA_DIR"]).expanduser())
-    roots += [_cache_dir(name), *_SYSTEM_DIRS.get(name, ())]
+    if data_dir is not None:
+        roots = [Path(data_dir).expanduser()]
+    else:
+        roots = [Path(os.environ["LOWBIT_DATA_DIR"]).expanduser()] if os.environ.get("LOWBIT_DATA_DIR") else []
+        roots += [_cache_dir(name), *_SYSTEM_DIRS.get(name, ())]
     dirs: list[Path] = []
     for folder in (d for root in roots for d in ((root,) if root.name == name else (root, root / name))):
         if folder not in dirs:
