@@ -54,6 +54,9 @@ def test_the_reference_preset_counts_study_seeds_not_its_baselines_training_seed
     summary = summarize(cfg, plan_runs(cfg), _records(cfg, losses))
     assert summary["seeds"] == 2
     assert "over 2 seeds" in " ".join(summary["text"])
+    # the baselines' row: 6 runs over the 2 study seeds (its seeds column said 6)
+    base = next(c for c in summary["cells"] if c["name"] == "fp32-baseline")
+    assert (base["seeds"], base["n"]) == (2, 6)
     one = StudyConfig(methods=("lsq",), bits=(4,), seeds=1, deploy=False, ptq=False)
     text = " ".join(summarize(one, plan_runs(one), _records(one, {"fp32-baseline": [105.0], "fp32-control": [104.0],
                                                                    "lsq-w4": [106.1]}))["text"])

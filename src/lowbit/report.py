@@ -92,8 +92,9 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         if run.kind == "baseline" and cfg.preset == "reference":
             cell_name = "fp32-baseline"
         cell = by_cell.setdefault(cell_name, {"name": cell_name, "kind": run.kind, "method": run.spec.method,
-                                              "bits": run.bits, "runs": {}})
+                                              "bits": run.bits, "runs": {}, "seeds": set()})
         cell["runs"].setdefault(run.spec.seed if run.kind != "baseline" else len(cell["runs"]), rec)
+        cell["seeds"].add(run.folder.split("/", 1)[0])
     control = by_cell.get("fp32-control")
     baseline = by_cell.get("fp32-baseline")
     cells = []
@@ -103,6 +104,7 @@ def summarize(cfg, plan, records: dict[str, dict]) -> dict[str, Any]:
         iwae = [rec["after"]["iwae"] for _, rec in runs if rec["after"]["iwae"] is not None]
         row = {k: cell[k] for k in ("name", "kind", "method", "bits")}
         row["n"] = len(after)
+        row["seeds"] = len(cell["seeds"])  # (preset reference: several baselines a seed, one per run)
         row["loss"] = paired_stats(after)
         row["iwae"] = paired_stats(iwae) if iwae else None
         row["before"] = paired_stats([rec["before"]["loss"] for _, rec in runs]) if runs[0][1]["before"] else None
@@ -324,8 +326,15 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
         raise ValueError(f"no finished run to report in {out}: run the study first")
     summary = summarize(cfg, plan, records)
     figures = write_figures(out, plan, records, summary, test_images)
-    first = min(r.spec.seed for r in plan)
-    runs0 = [r for r in plan if r.spec.seed == first and r.folder in records]
+    # the first seed's runs, with one baseline (preset reference trains one per run, with seeds of
+    # their own: selecting by the run's seed left the fp32 model out of the figures and tables)
+    first = plan[0].folder.split("/", 1)[0]
+    runs0, baseline_shown = [], False
+    for r in plan:
+        if r.folder.split("/", 1)[0] != first or r.folder not in records or (r.kind == "baseline" and baseline_shown):
+            continue
+        baseline_shown = baseline_shown or r.kind == "baseline"
+        runs0.append(r)
     env = next(iter(records.values()))["environment"] if records else {}
 
     md = ["# lowbit study report", ""]
@@ -373,7 +382,8 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
            + " Δ = loss − control loss per seed; with 2+ seeds, [95% CI] and * when the interval "
            "excludes 0 (the difference is larger than the seed-to-seed noise).", ""]
     rows = [[c["name"], fmt(c["bits"]), _pm(c["loss"]), _pm(c["iwae"]), _diff(c.get("vs_control")),
-             _diff(c.get("vs_start")), str(c["n"])] for c in summary["cells"]]
+             _diff(c.get("vs_start")), str(c["seeds"]) + (f" ({c['n']} runs)" if c["n"] != c["seeds"] else "")]
+            for c in summary["cells"]]
     md.append(_md_table(["run", "bits", "test loss (mean ± std)", "IWAE NLL", "Δ vs control",
                          "Δ vs its fp32 start", "seeds"], rows))
 
