@@ -286,22 +286,27 @@ def test_weight_only_layers(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
 
 
+def _integer_cnn(model: nn.Module, path, atol: float = 2e-3, **export_kw):
+    """Quantize (W8A8 PTQ, 7-bit weights), calibrate and export a small CNN; check that ONNX Runtime
+    runs both convs as QLinearConv and matches the simulation (to the int32 bias' rounding)."""
+    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d", "Linear")), "ptq", weight_range="reduced")
+    lowbit.calibrate(model, [torch.rand(32, 1, 28, 28)])
+    model.eval()
+    path = lowbit.export(model, path, example_inputs=(torch.rand(2, 1, 28, 28),), **export_kw)
+    counts = rt.op_type_counts(path)
+    assert counts["QLinearConv"] == 2 and counts["Conv"] == 0, counts
+    xt = torch.rand(16, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(xt).numpy()
+    np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=atol, rtol=1e-4)
+    return xt, ref
+
+
 def test_conv2d_exports_to_integer_conv(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(),
                           nn.Linear(4 * 13 * 13, 10))
-    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d", "Linear")), "ptq", weight_range="reduced")
-    x = torch.rand(32, 1, 28, 28)
-    lowbit.calibrate(model, [x])
-    model.eval()
-    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(x,))
-    counts = rt.op_type_counts(path)
-    assert counts["QLinearConv"] == 2, counts
-    xt = torch.rand(16, 1, 28, 28)
-    out = rt.load_session(path).run(xt.numpy())[0]
-    with torch.no_grad():
-        ref = model(xt).numpy()
-    np.testing.assert_allclose(out, ref, atol=1e-3, rtol=1e-4)
+    _integer_cnn(model, tmp_path / "cnn.onnx", atol=1e-3)
 
 
 @pytest.mark.parametrize("tail", ["relu-maxpool", "relu-flatten", "maxpool-relu"])
@@ -315,21 +320,10 @@ def test_convs_before_relu_and_maxpool_become_integer_convs(tmp_path, tail):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), *act, nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),
                           *([nn.MaxPool2d(2)] if tail == "relu-maxpool" else []), nn.Flatten(),
                           nn.Linear(4 * (side // 2 if tail == "relu-maxpool" else side) ** 2, 10))
-    lowbit.quantize(model, _cfg(8, 8, op_types=("Conv2d", "Linear")), "ptq", weight_range="reduced")
-    x = torch.rand(32, 1, 28, 28)
-    lowbit.calibrate(model, [x])
-    model.eval()
-    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(x,))
-    counts = rt.op_type_counts(path)
-    assert counts["QLinearConv"] == 2 and counts["Conv"] == 0, counts
-    xt = torch.rand(16, 1, 28, 28)
-    out = rt.load_session(path).run(xt.numpy())[0]
-    with torch.no_grad():
-        ref = model(xt).numpy()
-    np.testing.assert_allclose(out, ref, atol=2e-3, rtol=1e-4)  # (the int32 bias' rounding)
+    xt, ref = _integer_cnn(model, tmp_path / "cnn.onnx")
     # with the bias float, the simulation up to float summation order (a rare code one step off);
     # the convs then stay float (see docs/EXPORT.md)
-    path = lowbit.export(model, tmp_path / "cnn_fb.onnx", example_inputs=(x,), bias="float")
+    path = lowbit.export(model, tmp_path / "cnn_fb.onnx", example_inputs=(xt[:2],), bias="float")
     np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=1e-3, rtol=1e-4)
 
 
