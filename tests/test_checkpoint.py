@@ -251,3 +251,12 @@ def test_runs_of_0_3_7_load_with_the_meaning_their_config_had(tmp_path):
     x = torch.rand(4, 784)
     with torch.no_grad():
         assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
+
+
+def test_run_versions_parse_by_their_leading_numbers():
+    from lowbit import __version__
+    from lowbit.checkpoint import _version
+
+    assert _version("0.3.10") > _version("0.3.8") > _version("0.3.7") > _version(None)
+    assert _version("0.3.9rc1") == (0, 3, 9) and _version("0.4.0+cu121") == (0, 4, 0)
+    assert _version("dev") == tuple(int(p) for p in __version__.split("."))  # (no number: this version)

@@ -188,8 +188,9 @@ def test_missing_files_offline(tmp_path):
 def test_an_explicit_data_dir_is_not_replaced_by_lowbit_data_dir(tmp_path, synth, monkeypatch):
     monkeypatch.setenv("LOWBIT_DATA_DIR", str(write(tmp_path / "env", synth)))
     assert len(data.load_dataset("mnist", "train", download=False).images) > 0  # (the variable: found there)
-    with pytest.raises(data.DataError, match="Searched: " + str(tmp_path / "empty")):
+    with pytest.raises(data.DataError, match="Searched: " + str(tmp_path / "empty")) as err:
         data.load_dataset("mnist", "train", tmp_path / "empty", download=False)
+    assert "LOWBIT_DATA_DIR and the cache are not searched" in str(err.value)
 
 
 def test_missing_file_is_named_and_a_file_is_not_a_data_folder(tmp_path, synth):

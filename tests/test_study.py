@@ -247,6 +247,12 @@ def test_resume_checks_the_weights_and_an_interrupted_rerun_drops_the_old_record
     assert _finished(tmp_path / "fp32", key) is None
     meta.unlink()
     assert _finished(tmp_path / "fp32", key) is None
+    meta.write_bytes(b"\xff\xfe")  # (not UTF-8: a crash of the resumed study, not a redo)
+    assert _finished(tmp_path / "fp32", key) is None
+    meta.unlink()
+    meta.mkdir()
+    assert _finished(tmp_path / "fp32", key) is None
+    meta.rmdir()
     meta.write_text(meta_text)
     assert _finished(tmp_path / "fp32", key) is not None
     # a run with other settings started in that folder and killed before it finished: the old

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -240,11 +241,17 @@ def _check_meta_fields(meta: dict, path: Path) -> None:
 
 
 def _version(v: Any) -> tuple[int, ...]:
-    """``"0.3.7"`` -> ``(0, 3, 7)``; ``(0,)`` for a run that recorded none (the oldest)."""
-    try:
-        return tuple(int(p) for p in str(v).split(".")[:3])
-    except ValueError:
+    """``"0.3.7"`` -> ``(0, 3, 7)`` (``"0.3.9rc1"``, ``"0.4.0+cu121"``: their leading numbers);
+    ``(0,)`` for a run that recorded none (the oldest); a version without numbers (``"dev"``)
+    counts as this one."""
+    if v is None:
         return (0,)
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(v))
+    if m is None:
+        from . import __version__
+
+        return tuple(int(p) for p in __version__.split(".")[:3])
+    return tuple(int(p) for p in m.groups() if p is not None)
 
 
 def _legacy_config(config_list: list, method: str, version: tuple[int, ...]) -> list:

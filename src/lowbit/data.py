@@ -333,6 +333,12 @@ def load_dataset(name: str = "mnist", split: str = "train", data_dir: str | os.P
             return _load(name, split, _files_in(target, SPLITS[split]) or {})
     hint = ("\n  or install it system-wide: apt-get install dataset-fashion-mnist "
             "(files land in /usr/share/datasets/fashion-mnist)") if name == "fashion-mnist" else ""
+    if data_dir is not None:
+        fix = (f"Fix: put the four files in that folder (or its {name}/ subfolder) or pass another --data-dir; "
+               "with --data-dir given, LOWBIT_DATA_DIR and the cache are not searched")
+    else:
+        fix = ("Fix: put the four files in one folder and pass --data-dir DIR (data_dir=DIR) or set "
+               f"LOWBIT_DATA_DIR=DIR (DIR or DIR/{name}/ both work)")
     raise DataError(
         f"{name} {split} files not found{' and the download failed' if download else ''}. "
         f"Needed for the {split} split (gzipped .gz or raw): {', '.join(SPLITS[split])}.\n"
@@ -342,6 +348,5 @@ def load_dataset(name: str = "mnist", split: str = "train", data_dir: str | os.P
                   and len(has) < len(SPLITS[split]))
         + "".join(f"Rejected: {r}\n" for r in rejected)
         + ("Download attempts:\n" + "".join(f"  {e}\n" for e in errors) if download else "Download disabled.\n")
-        + "Fix: put the four files in one folder and pass --data-dir DIR (data_dir=DIR) or set "
-        f"LOWBIT_DATA_DIR=DIR (DIR or DIR/{name}/ both work){hint}"
+        + fix + hint
     )

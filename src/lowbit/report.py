@@ -231,20 +231,28 @@ def print_summary_table(summary: dict, console: Console | None = None) -> None:
 
 # ---- figures -------------------------------------------------------------------------------
 
+def first_seed_runs(plan, records) -> list:
+    """The first seed's finished runs, with one baseline (preset reference trains one per run, with
+    seeds of their own: selecting by the run's seed left the fp32 model out of the figures and tables)."""
+    first = plan[0].folder.split("/", 1)[0]
+    runs, baseline_shown = [], False
+    for r in plan:
+        if r.folder.split("/", 1)[0] != first or r.folder not in records or (r.kind == "baseline" and baseline_shown):
+            continue
+        baseline_shown = baseline_shown or r.kind == "baseline"
+        runs.append(r)
+    return runs
+
+
 def _figure_models(out, plan, records) -> list[tuple[str, Any]]:
     """(label, model) for the first seed's baseline and each of its quantized runs."""
     from .checkpoint import load_model
 
-    first = min(r.spec.seed for r in plan)
     chosen = []
-    for run in plan:
-        if run.spec.seed != first or run.folder not in records:
-            continue
-        if run.kind == "baseline" and chosen:
-            continue
-        label = "fp32" if run.kind == "baseline" else run.folder.split("/", 1)[1]
+    for run in first_seed_runs(plan, records):
         if run.kind == "control":
             continue
+        label = "fp32" if run.kind == "baseline" else run.folder.split("/", 1)[1]
         chosen.append((label, load_model(out / run.folder)))
     return chosen
 
@@ -326,15 +334,7 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
         raise ValueError(f"no finished run to report in {out}: run the study first")
     summary = summarize(cfg, plan, records)
     figures = write_figures(out, plan, records, summary, test_images)
-    # the first seed's runs, with one baseline (preset reference trains one per run, with seeds of
-    # their own: selecting by the run's seed left the fp32 model out of the figures and tables)
-    first = plan[0].folder.split("/", 1)[0]
-    runs0, baseline_shown = [], False
-    for r in plan:
-        if r.folder.split("/", 1)[0] != first or r.folder not in records or (r.kind == "baseline" and baseline_shown):
-            continue
-        baseline_shown = baseline_shown or r.kind == "baseline"
-        runs0.append(r)
+    runs0 = first_seed_runs(plan, records)
     env = next(iter(records.values()))["environment"] if records else {}
 
     md = ["# lowbit study report", ""]

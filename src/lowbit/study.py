@@ -206,7 +206,7 @@ def _finished(folder: Path, key: str) -> dict | None:
     else:
         try:  # (its meta.json rebuilds the model the weights belong to: the report and the next runs read it)
             load_state(folder)
-        except CheckpointError:
+        except (CheckpointError, OSError, ValueError):  # (not JSON, not UTF-8, a folder, ...)
             damaged = f"{META} is missing or not the one"
     if damaged is not None:
         from .progress import console
