@@ -645,6 +645,13 @@ def test_load_calibration_config_reads_nnis_dorefa_export(variant):
         lowbit.load_calibration_config(model, nni)
 
 
+def test_load_calibration_config_names_dorefas_fix_only_for_dorefa():
+    model = lowbit.quantize(VAE(), cfg(types=("weight",)), "lsq")
+    with pytest.raises(lowbit.config.ConfigError, match="no weight_scale.*LSQQuantizer") as info:
+        lowbit.load_calibration_config(model, {name: {"weight_bits": 8} for name in STUDY})
+    assert "dorefa" not in str(info.value).lower()
+
+
 def test_load_calibration_config_checks_but_does_not_load_weight_grids_from_weights():
     # NNI's QAT export: unsigned weight codes (zero point 162); the layer's grid comes from its weights
     nni = {"fc1": {"weight_bits": 8, "weight_scale": 0.0039, "weight_zero_point": 162.0,

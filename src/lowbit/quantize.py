@@ -323,11 +323,9 @@ def _calibration_item(
         s, z = affine_qparams_f32(tracked[0].item(), tracked[1].item(), qmin, qmax, q.symmetric)
         scale, zp = torch.tensor(s, dtype=torch.float32), torch.tensor(z, dtype=torch.int64)
     else:
-        hint = ("; DoReFa's learned weight scale is not in NNI's export: quantize with dorefa_variant 'paper' "
-                "(NNI's DoReFa) or 'scaled', whose grids come from the weights"
-                if type(q).__name__ == "DoReFaWeightQuantizer" else "")
         raise ConfigError(f"{where} has no {t}_scale, which its {t} quantizer ({type(q).__name__}) needs "
-                          f"(lowbit.calibration_config writes it; NNI's export has none for learned steps){hint}")
+                          f"(lowbit.calibration_config writes it; NNI's export has none for learned steps)"
+                          f"{q.missing_scale_hint}")
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
         raise ConfigError(f"{where}: {t}_scale must be finite and positive, got {scale.tolist()}")
     if not bool(((zp >= qmin) & (zp <= qmax)).all()):

@@ -191,6 +191,10 @@ class Quantizer(nn.Module):
         to load (``lowbit.load_calibration_config``)."""
         return False
 
+    #: what ``lowbit.load_calibration_config`` adds to its error when an entry has no scale for
+    #: this quantizer ("; ..." naming the fix), "" when it has nothing to add
+    missing_scale_hint: str = ""
+
     def float_steps_left(self) -> int:
         """Training steps still to run before this quantizer quantizes (QAT's ``quant_start_step``);
         until then its output is its float input."""

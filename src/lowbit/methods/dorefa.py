@@ -244,6 +244,9 @@ class DoReFaWeightQuantizer(Quantizer):
     def grid_from_weight(self) -> bool:
         return not self.learned
 
+    missing_scale_hint = ("; DoReFa's learned weight scale is not in NNI's export: quantize with dorefa_variant "
+                          "'paper' (NNI's DoReFa) or 'scaled', whose grids come from the weights")
+
     def _describe_codes(self) -> str:
         return f"{self.variant}, codes [{self.qmin}, {self.qmax}]"
 
