@@ -177,7 +177,8 @@ def test_signed_and_narrow_activation_grids_and_output_quantizer(tmp_path):
     model.eval()
     assert model[0].input_quantizer.grid().qmin < 0  # a signed grid really is exercised
     for fmt in ("onnx-int8", "onnx-int4"):  # (int4: layer "2" packed, the 8-bit ones in int8)
-        path = lowbit.export(model, tmp_path / f"{fmt}.onnx", fmt, example_inputs=(x,))
+        # (float biases: the simulation's numerics exactly, the clamps included)
+        path = lowbit.export(model, tmp_path / f"{fmt}.onnx", fmt, example_inputs=(x,), bias="float")
         proto = onnx.load(path)
         assert any(n.op_type == "Clip" for n in proto.graph.node)
         q_zero_points = [i for i in proto.graph.initializer if i.name.endswith("/zero_point")]
@@ -325,6 +326,40 @@ def test_convs_before_relu_and_maxpool_become_integer_convs(tmp_path, tail):
     # the convs then stay float (see docs/EXPORT.md)
     path = lowbit.export(model, tmp_path / "cnn_fb.onnx", example_inputs=(xt[:2],), bias="float")
     np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid", ["4-bit", "symmetric"])
+def test_narrow_activation_grids_keep_integer_convs(tmp_path, grid):
+    # a grid with fewer codes than uint8 (4-bit; symmetric signed [-127, 127]) was clamped by a float
+    # Clip before its QuantizeLinear, which kept the conv before it float in ONNX Runtime; the clamp
+    # now runs on the codes, and an 8-bit symmetric grid takes the int32 bias as a full one does
+    torch.manual_seed(0)
+    if grid == "4-bit":
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
+        cfg = [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 8, "input": 4},
+                "op_types": ["Conv2d", "Linear"], "quant_dtype": {"input": "uint"}}]
+        bias = {"bias": "int32"}  # (auto keeps a 4-bit grid's bias float, for accuracy)
+    else:  # (no ReLU before the signed grids: ONNX Runtime's integer conv absorbs one only above a zero point at 0)
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(),
+                              nn.Linear(4 * 28 * 28, 10))
+        cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
+                "quant_scheme": "symmetric"}]
+        bias = {}
+    lowbit.quantize(model, cfg, "ptq", weight_range="reduced")
+    lowbit.calibrate(model, [torch.rand(32, 1, 28, 28)])
+    model.eval()
+    assert model[0].input_quantizer.grid().qmax - model[0].input_quantizer.grid().qmin < 255
+    xt = torch.rand(16, 1, 28, 28) * 1.5  # (beyond the calibrated range: the clamp must match)
+    with torch.no_grad():
+        ref = model(xt).numpy()
+    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(xt[:2],), **bias)
+    counts = rt.op_type_counts(path)
+    assert counts["QLinearConv"] == 2 and counts["Conv"] + counts["FusedConv"] == 0, counts
+    np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=5e-3, rtol=1e-4)
+    # the float bias: the simulation to float summation order
+    path = lowbit.export(model, tmp_path / "cnn_fb.onnx", example_inputs=(xt[:2],), bias="float")
+    np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("conv", [True, False])

@@ -8,7 +8,9 @@ How the graph is made (see ``docs/EXPORT.md`` for the measurements behind each c
 2. Each marker is rewritten from the layer's quantizer grids (never from re-quantized weights):
 
    * input quantizer  -> ``QuantizeLinear -> DequantizeLinear`` (uint8; a signed grid is shifted
-     by 128, which is exact; a grid narrower than 8 bits gets a ``Clip`` to its own range first);
+     by 128, which is exact; a grid with fewer codes than the stored type gets a ``Clip`` of its
+     codes to its own range between the two, as the simulation clamps: in float before the
+     ``QuantizeLinear`` with ``activations="int8"``, the form TensorRT reads);
    * weights          -> an **integer initializer** (int8, or int4 packed two per byte) ->
      ``DequantizeLinear`` with the weight grid's scale and zero point (per tensor or per channel);
    * bias             -> int32 at scale ``s_in * s_w`` -> ``DequantizeLinear`` (what ONNX Runtime's
@@ -115,7 +117,8 @@ class ActGrid:
     """A per-tensor activation grid, as stored in the file: uint8 (or int8) codes.
 
     ``clip`` is ``(lo, hi)`` in float when the simulated grid has fewer than 256 levels: the
-    simulation clamps to ``[qmin, qmax]``, which uint8 saturation alone would not do.
+    simulation clamps to ``[qmin, qmax]``, which uint8 saturation alone would not do; ``codes``
+    is that range of stored codes (``(0, 255)`` or ``(-128, 127)`` for a full grid).
     """
 
     scale: float
@@ -123,6 +126,7 @@ class ActGrid:
     clip: tuple[float, float] | None
     levels: int
     dtype: str = "uint8"  # "uint8" | "int8"
+    codes: tuple[int, int] = (0, 255)
 
 
 @dataclass
@@ -196,7 +200,8 @@ def _act_grid(q: nn.Module, what: str, name: str, act_dtype: str = "uint8") -> A
     if (g.qmin + off, g.qmax + off) != (lo, hi):
         # the simulation clamps to [qmin, qmax], narrower than the stored type saturates
         clip = (float(np.float32((g.qmin - z) * np.float32(s))), float(np.float32((g.qmax - z) * np.float32(s))))
-    return ActGrid(scale=s, zero_point=zp, clip=clip, levels=levels, dtype=act_dtype)
+    return ActGrid(scale=s, zero_point=zp, clip=clip, levels=levels, dtype=act_dtype,
+                   codes=(g.qmin + off, g.qmax + off))
 
 
 def _fit_codes(qmin: int, qmax: int, lo: int, hi: int) -> int | None:
@@ -514,13 +519,22 @@ def _qdq_act(b: _Builder, x: str, grid: ActGrid, prefix: str) -> str:
 
 
 def _qdq_act_new(b: _Builder, x: str, grid: ActGrid, prefix: str) -> str:
-    if grid.clip is not None:
+    # a narrow grid's clamp: on the uint8 codes (the simulation's own clamp, after rounding), where
+    # ONNX Runtime still fuses the layer before into an integer conv / GEMM with requantized output
+    # (a float Clip between that layer and its QuantizeLinear kept a conv float); in float before
+    # the QuantizeLinear for int8 codes (TensorRT, which wants Q and DQ adjacent)
+    codes = np.uint8 if grid.dtype == "uint8" else np.int8
+    if grid.clip is not None and grid.dtype != "uint8":
         lo = b.init(f"{prefix}/clip_lo", np.float32(grid.clip[0]))
         hi = b.init(f"{prefix}/clip_hi", np.float32(grid.clip[1]))
         x = b.node("Clip", [x, lo, hi], f"{prefix}/clip")
     s = b.init(f"{prefix}/scale", np.float32(grid.scale))
-    z = b.init(f"{prefix}/zero_point", (np.uint8 if grid.dtype == "uint8" else np.int8)(grid.zero_point))
+    z = b.init(f"{prefix}/zero_point", codes(grid.zero_point))
     q = b.node("QuantizeLinear", [x, s, z], f"{prefix}/q")
+    if grid.clip is not None and grid.dtype == "uint8":
+        lo = b.init(f"{prefix}/clip_lo", codes(grid.codes[0]))
+        hi = b.init(f"{prefix}/clip_hi", codes(grid.codes[1]))
+        q = b.node("Clip", [q, lo, hi], f"{prefix}/clip")
     return b.node("DequantizeLinear", [q, s, z], f"{prefix}/dq")
 
 
@@ -551,9 +565,9 @@ def _bias_mode(p: LayerPlan, requested: str) -> str:
     activations and 7-8 bit weights that changed the VAE's test loss by <= 0.002 nat, and saved
     ~10% (batch 1) to ~25% (batch 10,000, where the separate Adds and requantization cost 10 ms).
     ``float``: added in float after the integer GEMM, the simulation's bias exactly.
-    ``auto`` (default): int32 for 8-bit activation grids and weights with 127+ levels, float
-    otherwise -- with 4-bit grids the rounding moved the VAE's test loss by ~0.1 nat and (with the
-    Clip of a narrow grid) kept ONNX Runtime from fusing.  The largest rounding of each layer is
+    ``auto`` (default): int32 for 8-bit activation grids (255 or 256 levels: a symmetric signed
+    grid too) and weights with 127+ levels, float otherwise -- with 4-bit grids the rounding moved
+    the VAE's test loss by ~0.1 nat.  The largest rounding of each layer is
     recorded in the file's ``lowbit.layers`` metadata (``bias_max_rounding``).
     """
     if p.act_in is None or p.w_codes is None or requested == "float":
@@ -563,7 +577,7 @@ def _bias_mode(p: LayerPlan, requested: str) -> str:
     if requested == "int32":
         return "int32"
     w_levels = int(p.info.get("weight_levels", 256))
-    return "int32" if p.act_in.clip is None and w_levels >= 127 else "float"
+    return "int32" if p.act_in.levels >= 255 and w_levels >= 127 else "float"
 
 
 def _layer_weight(b: _Builder, p: LayerPlan, pre: str, weights_first: bool, int4: bool) -> str:
