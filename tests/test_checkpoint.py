@@ -253,6 +253,16 @@ def test_runs_of_0_3_7_load_with_the_meaning_their_config_had(tmp_path):
         assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
 
 
+def test_a_null_quant_dtype_of_0_3_7_meant_unsigned_symmetric_activations():
+    from lowbit.checkpoint import _legacy_config
+
+    saved = [{"quant_types": ["input", "output", "weight"], "quant_bits": 8, "op_types": ["Linear"],
+              "quant_scheme": "symmetric", "quant_dtype": {"input": None, "weight": "int"}}]
+    entry = _legacy_config(saved, "qat", (0, 3, 7))[0]
+    assert entry["quant_dtype"] == {"input": "uint", "output": "uint", "weight": "int"}
+    assert _legacy_config(saved, "qat", (0, 3, 8)) == saved
+
+
 def test_run_versions_parse_by_their_leading_numbers():
     from lowbit import __version__
     from lowbit.checkpoint import _version

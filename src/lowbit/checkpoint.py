@@ -278,7 +278,7 @@ def _unsigned_symmetric_activations(entry: dict) -> dict:
     unsigned = {}
     for t in ("input", "output"):
         s_t = scheme.get(t) if isinstance(scheme, dict) else scheme
-        given = isinstance(dtype, dict) and t in dtype
+        given = isinstance(dtype, dict) and dtype.get(t) is not None  # (null: not given)
         if t in (entry.get("quant_types") or []) and isinstance(s_t, str) and "symmetric" in s_t and not given:
             unsigned[t] = "uint"
     return {**entry, "quant_dtype": {**(dtype or {}), **unsigned}} if unsigned else entry
