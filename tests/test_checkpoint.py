@@ -222,12 +222,40 @@ def test_a_run_whose_config_this_lowbit_refuses_is_a_checkpoint_error(tmp_path):
 
 
 def _as_saved_by(run: str, version: str) -> None:
+    """Make ``run`` look saved by an older lowbit: its version in meta.json, and no version digest
+    in the weights' header (those versions wrote none)."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from lowbit.checkpoint import VERSION_KEY
+
+    weights = os.path.join(run, "model.safetensors")
+    with safe_open(weights, framework="pt") as f:
+        header = {k: v for k, v in (f.metadata() or {}).items() if k != VERSION_KEY}
+    blob = save(load_file(weights), metadata=header)
+    with open(weights, "wb") as f:
+        f.write(blob)
     path = os.path.join(run, "meta.json")
     with open(path) as f:
         meta = json.load(f)
     meta["lowbit"] = version
+    meta["weights_sha256"] = hashlib.sha256(blob).hexdigest()
     with open(path, "w") as f:
         json.dump(meta, f)
+
+
+def test_an_edited_lowbit_version_in_meta_is_caught(tmp_path):
+    # the version says what the run's config meant (see _legacy_config): an edit would rebuild
+    # another model than the one trained
+    runs = _two_runs(tmp_path)
+    load_model(runs[4])
+    meta = json.loads((runs[4] / "meta.json").read_text())
+    meta["lowbit"] = "0.3.7"
+    (runs[4] / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="lowbit version '0.3.7' is not the one that saved"):
+        load_model(runs[4])
 
 
 def test_runs_of_0_3_7_load_with_the_meaning_their_config_had(tmp_path):

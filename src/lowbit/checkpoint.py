@@ -153,7 +153,8 @@ def save_run(
         from .methods import get_method
 
         quant = {**quant, "method_defaults": get_method(quant["method"]).option_defaults()}
-    blob = save(state, metadata={REBUILD_KEY: _rebuild_digest(model_spec, quant)})
+    blob = save(state, metadata={REBUILD_KEY: _rebuild_digest(model_spec, quant),
+                                 VERSION_KEY: _rebuild_digest(model_spec, quant, __version__)})
     meta = {"model": model_spec, "quant": quant, "lowbit": __version__,
             "weights_sha256": hashlib.sha256(blob).hexdigest(), **(extra or {})}
     atomic_write_bytes(run_dir / WEIGHTS, blob)
@@ -163,11 +164,15 @@ def save_run(
 
 #: the safetensors header key holding :func:`_rebuild_digest` of the run's meta
 REBUILD_KEY = "lowbit.rebuild_sha256"
+#: the same with the saving version (which says what its config meant, see :func:`_legacy_config`):
+#: runs saved after 0.3.8
+VERSION_KEY = "lowbit.rebuild_version_sha256"
 
 
-def _rebuild_digest(model_spec: Any, quant: Any) -> str:
-    """Digest of what rebuilds the model (its spec and quantization), as JSON."""
-    return hashlib.sha256(json.dumps([model_spec, quant], sort_keys=True).encode()).hexdigest()
+def _rebuild_digest(model_spec: Any, quant: Any, *version: Any) -> str:
+    """Digest of what rebuilds the model (its spec and quantization, and the version that saved
+    them where given), as JSON."""
+    return hashlib.sha256(json.dumps([model_spec, quant, *version], sort_keys=True).encode()).hexdigest()
 
 
 def weights_digest(run_dir: str | os.PathLike) -> str | None:
@@ -218,6 +223,10 @@ def load_state(run_dir: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if saved_for is not None and saved_for != _rebuild_digest(meta.get("model"), meta.get("quant")):
         raise CheckpointError(f"{run_dir / META} does not describe the model in {WEIGHTS} (its model or quant "
                               "entry was edited, or the files come from different runs); restore it or retrain the run")
+    saved_by = header.get(VERSION_KEY)
+    if saved_by is not None and saved_by != _rebuild_digest(meta.get("model"), meta.get("quant"), meta.get("lowbit")):
+        raise CheckpointError(f"{run_dir / META}'s lowbit version {meta.get('lowbit')!r} is not the one that saved "
+                              f"{WEIGHTS} (it says what the run's config meant); restore it or retrain the run")
     return state, meta
 
 
