@@ -723,3 +723,77 @@ def test_fold_bakes_a_reparametrized_weight(reparam):
     assert not folded[0]._forward_pre_hooks
     with torch.no_grad():
         assert torch.equal(folded(x), want)
+
+
+def test_transformer_encoder_layers_stay_quantized_in_eval_without_gradients():
+    # nn.TransformerEncoderLayer's fused inference path (eval, no grad) read linear1/linear2's weights
+    # itself and never called the quantized layers: inference and lowbit.calibrate ran in float
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    cfg = [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Linear"]}]
+    ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    m = lowbit.quantize(copy.deepcopy(ref), cfg, "qat")
+    m.train()(x)
+    m.eval()
+    with torch.no_grad():
+        fast, plain = m(x), ref(x)
+    assert not torch.allclose(fast, plain, atol=1e-3)  # quantized, not the float layer
+    assert torch.allclose(fast, m(x).detach(), atol=1e-5)  # as with gradients (the module-by-module path)
+    # calibrate (no gradients, eval mode) reaches the quantizers; so does an encoder's padded batch
+    enc = lowbit.quantize(nn.TransformerEncoder(copy.deepcopy(ref), 2, enable_nested_tensor=True), cfg, "ptq")
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 3:] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.calibrate(enc, [x], forward=lambda model, b: model(b, src_key_padding_mask=mask))
+    for layer in enc.layers:
+        assert layer.linear2.input_quantizer.grid().scale > 0
+    with torch.no_grad():
+        out = enc.eval()(x, src_key_padding_mask=mask)
+    assert out.shape == x.shape and not out.is_nested
+
+
+def test_calibrate_warns_about_quantizers_that_saw_no_batch():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x)  # (b: never called)
+
+    cfg = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
+    model = lowbit.quantize(Branchy(), cfg, "ptq")
+    with pytest.warns(UserWarning, match=r"ran 1 batch\(es\).*: b\.input\. Their layers were not called"):
+        lowbit.calibrate(model, [torch.randn(8, 4)])
+    with pytest.warns(UserWarning, match=r"ran 0 batch.*a\.input, b\.input\. Give it batches"):
+        lowbit.calibrate(lowbit.quantize(Branchy(), cfg, "lsq"), iter(()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.calibrate(lowbit.quantize(Branchy(), [{"quant_types": ["input"], "quant_bits": 8, "op_names": ["a"]}], "qat"),
+                         [torch.randn(8, 4)])
+
+
+def test_a_loaded_calibration_quantizes_past_quant_start_step():
+    # load_calibration_config restored the grids but not QAT's step count: a fresh copy with
+    # quant_start_step kept computing in float (and export refused it)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    c = [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Linear"], "quant_start_step": 2}]
+    m = lowbit.quantize(copy.deepcopy(base), c, "qat")
+    x = torch.randn(32, 8)
+    for _ in range(4):
+        m.train()(x)
+    with torch.no_grad():
+        want = m.eval()(x)
+    copy_ = lowbit.quantize(copy.deepcopy(base), c, "qat")
+    lowbit.load_calibration_config(copy_, json.loads(json.dumps(lowbit.calibration_config(m))))
+    assert all(q.float_steps_left() == 0 for w in quantized_layers(copy_).values() for q in w.quantizers().values())
+    with torch.no_grad():
+        assert torch.equal(copy_.eval()(x), want)
+    # (a failed load leaves the step counts as they were too)
+    fresh = lowbit.quantize(copy.deepcopy(base), c, "qat")
+    bad = {**lowbit.calibration_config(m), "2": {"weight_bits": 3}}
+    with pytest.raises(ConfigError):
+        lowbit.load_calibration_config(fresh, bad)
+    assert fresh[0].input_quantizer.float_steps_left() == 2

@@ -90,6 +90,7 @@ def quantize(
             )
     for layer, wrapper in built:
         replace_module(model, layer, wrapper, names)  # a layer registered under several names: under all of them
+    _keep_fast_paths_off(model)
     if new:
         param_name = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         optimizer.add_param_group(quantizer_param_group(optimizer, new, [param_name[id(p)] for p in new]))
@@ -102,6 +103,29 @@ def quantize(
                 stacklevel=2,
             )
     return model
+
+
+def _no_fast_path(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing: its presence turns off PyTorch's fused inference path
+    of the module it is on (see :func:`_keep_fast_paths_off`)."""
+    return None
+
+
+def _keep_fast_paths_off(model: nn.Module) -> None:
+    """PyTorch's ``nn.TransformerEncoderLayer`` (in eval mode without gradients) runs one fused
+    kernel that reads ``linear1.weight`` / ``linear2.weight`` itself and never calls those layers,
+    so their quantizers would not run: the model would infer (and calibrate) in float.  Such a
+    layer holding a quantized layer gets a forward pre-hook that does nothing, which PyTorch's own
+    check takes as a reason to run the layer module by module; an ``nn.TransformerEncoder`` over
+    them stops turning padded batches into nested tensors (``use_nested_tensor = False``), which
+    the quantizers do not take."""
+    for m in model.modules():
+        if not any(isinstance(c, QuantWrapper) for c in m.modules()):
+            continue
+        if isinstance(m, nn.TransformerEncoderLayer) and _no_fast_path not in m._forward_pre_hooks.values():
+            m.register_forward_pre_hook(_no_fast_path)
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
 
 
 def quantizer_param_group(
@@ -172,8 +196,10 @@ def calibrate(
     for m in model.modules():
         if isinstance(m, Quantizer):
             m.train()
+    seen = 0
     try:
         for batch in batches:
+            seen += 1
             if forward is not None:
                 forward(model, batch)
             elif isinstance(batch, (list, tuple)):
@@ -190,7 +216,25 @@ def calibrate(
     finally:
         for m, mode in modes.items():
             m.training = mode
+    idle = [f"{name}.{t}" for name, w in quantized_layers(model).items() for t, q in w.quantizers().items()
+            if t != "weight" and not _has_grid(q)]
+    if idle:
+        warnings.warn(
+            f"lowbit.calibrate ran {seen} batch(es) but these quantizers saw none and are still uncalibrated: "
+            f"{', '.join(idle)}. " + ("Give it batches (an empty iterable, or an exhausted iterator?)" if not seen else
+            "Their layers were not called: check that the model's forward (or forward=) reaches them"),
+            stacklevel=2,
+        )
     return model
+
+
+def _has_grid(q: Quantizer) -> bool:
+    """Whether ``q`` has a grid (is calibrated)."""
+    try:
+        q.grid()
+    except NotCalibratedError:
+        return False
+    return True
 
 
 def _value(t: Tensor) -> Any:
@@ -244,6 +288,7 @@ def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, A
     restored.  An entry in NNI's format (no ``<type>_qmin`` /
     ``<type>_qmax``; activations as ``tracked_min_<type>`` / ``tracked_max_<type>`` only) takes the
     layer's own code range, and QAT/PTQ activation grids are recomputed from the tracked range.
+    The layers given quantize from their next call: QAT's ``quant_start_step`` counts as run.
 
     Raises:
         ConfigError: the calibration does not fit the model (unknown layer, other bits, per-channel
@@ -256,6 +301,7 @@ def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, A
         raise ConfigError(f"a calibration is a mapping layer name -> entry (calibration_config's output), "
                           f"not {type(calib).__name__}")
     plan: list[tuple[Quantizer, AffineGrid, tuple[Tensor, Tensor] | None, str]] = []
+    touched: list[Quantizer] = []
     for name, entry in calib.items():
         if name not in layers:
             raise ConfigError(f"calibration names layer {name!r}, which is not quantized in this model; quantized: {list(layers)}")
@@ -263,16 +309,19 @@ def load_calibration_config(model: nn.Module, calib: Mapping[str, Mapping[str, A
             raise ConfigError(f"calibration of {name!r} must be a mapping (e.g. {{'weight_bits': 8, ...}}), "
                               f"got {type(entry).__name__} {entry!r}")
         for t, q in layers[name].quantizers().items():
+            touched.append(q)
             item = _calibration_item(name, t, q, entry)
             if item is not None:
                 plan.append((q, *item, f"{name!r} {t}"))
-    saved = [(q, copy.deepcopy(q.state_dict())) for q, *_ in plan]
+    saved = [(q, copy.deepcopy(q.state_dict())) for q in touched]
     try:
         for q, grid, tracked, where in plan:
             try:
                 q.load_grid(grid, tracked)
             except ValueError as e:
                 raise ConfigError(f"calibration of {where}: {e}") from None
+        for q in touched:  # (a calibrated layer quantizes: QAT's quant_start_step is behind it)
+            q.skip_float_steps()
     except BaseException:  # (whatever failed: the model is left as it was)
         for q, state in saved:
             q.load_state_dict(state)

@@ -200,6 +200,10 @@ class Quantizer(nn.Module):
         until then its output is its float input."""
         return 0
 
+    def skip_float_steps(self) -> None:
+        """Count the float steps (:meth:`float_steps_left`) as run: the quantizer quantizes from its
+        next call (``lowbit.load_calibration_config`` loaded the grid it is to use)."""
+
     def _sync(self) -> None:
         """Refresh Python-side mirrors of buffer state (after load_state_dict / load_grid)."""
 
@@ -571,6 +575,13 @@ class RangeQuantizer(Quantizer):
 
     def float_steps_left(self) -> int:
         return max(0, self.start_step - self._st[1]) if self.start_step > 0 else 0
+
+    @torch.no_grad()
+    def skip_float_steps(self) -> None:
+        if self.float_steps_left() > 0:
+            self._flush()
+            self.step.fill_(self.start_step)
+            self._sync()
 
     def replay_problem(self, steps_ahead: int = 0) -> str | None:
         if self.tracking == "percentile":
