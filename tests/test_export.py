@@ -740,3 +740,24 @@ def test_onnx_fp32_takes_layers_the_integer_formats_refuse(tmp_path):
     with torch.no_grad():
         ref = float_model(x).numpy()
     np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_export_traces_a_forward_that_reads_a_layers_attributes(tmp_path):
+    # export swapped each quantized layer for a marker without the layer's attributes: a forward
+    # reading one (as the wrapper allows) failed, and the error blamed example_inputs
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(8, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(x)).reshape(-1, self.fc.out_features))
+
+    torch.manual_seed(0)
+    m, x = Net(), torch.randn(4, 8)
+    lowbit.quantize(m, _cfg(8, 8), "ptq")
+    lowbit.calibrate(m, [x])
+    m.eval()
+    path = lowbit.export(m, tmp_path / "attr.onnx", example_inputs=(x,), bias="float")
+    with torch.no_grad():
+        np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], m(x).numpy(), atol=1e-5)

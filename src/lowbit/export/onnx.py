@@ -384,6 +384,17 @@ class _Marker(nn.Module):
         self.layer = layer
         self.index = index
 
+    def __getattr__(self, name: str) -> Any:
+        # the layer's own attributes (in_features, weight, a user's tag), read through the marker as
+        # through the wrapper it stands for: code written for the float model keeps tracing
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
+
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(self.layer, nn.Conv2d) and x.dim() == 3:
             raise ExportError(
