@@ -242,3 +242,17 @@ def test_default_op_types_warn_about_the_layers_nni_would_also_take():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]}], nn.Sequential(nn.Linear(8, 4)), "qat")
+
+
+def test_attention_projections_left_float_are_named():
+    # nn.MultiheadAttention's projections are weights its forward uses directly (out_proj, a Linear
+    # subclass, is never called): op_types Linear quantized the feed-forward layers only, silently
+    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    for types in (["Linear"], ["default"]):
+        with pytest.warns(UserWarning, match=r"MultiheadAttention modules \(self_attn\) stay float"):
+            specs = parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": types}], model, "qat")
+        assert list(specs) == ["linear1", "linear2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no attention in the layers it selects: nothing to say)
+        parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d"]}],
+                     nn.Sequential(nn.Conv2d(1, 1, 1), nn.MultiheadAttention(4, 1)), "qat")

@@ -732,7 +732,8 @@ def test_transformer_encoder_layers_stay_quantized_in_eval_without_gradients():
     x = torch.randn(3, 5, 16)
     cfg = [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Linear"]}]
     ref = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
-    m = lowbit.quantize(copy.deepcopy(ref), cfg, "qat")
+    with pytest.warns(UserWarning, match="MultiheadAttention"):  # (its projections stay float)
+        m = lowbit.quantize(copy.deepcopy(ref), cfg, "qat")
     m.train()(x)
     m.eval()
     with torch.no_grad():
@@ -740,7 +741,8 @@ def test_transformer_encoder_layers_stay_quantized_in_eval_without_gradients():
     assert not torch.allclose(fast, plain, atol=1e-3)  # quantized, not the float layer
     assert torch.allclose(fast, m(x).detach(), atol=1e-5)  # as with gradients (the module-by-module path)
     # calibrate (no gradients, eval mode) reaches the quantizers; so does an encoder's padded batch
-    enc = lowbit.quantize(nn.TransformerEncoder(copy.deepcopy(ref), 2, enable_nested_tensor=True), cfg, "ptq")
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        enc = lowbit.quantize(nn.TransformerEncoder(copy.deepcopy(ref), 2, enable_nested_tensor=True), cfg, "ptq")
     mask = torch.zeros(3, 5, dtype=torch.bool)
     mask[0, 3:] = True
     with warnings.catch_warnings():

@@ -298,6 +298,15 @@ def parse_config(
                     raise ConfigError(
                         f"{where}: unknown op type {t!r}; lowbit wraps {', '.join(LAYER_TYPES)} (or 'default' for all)"
                     )
+            attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+            if "Linear" in wanted and attention and not exclude_entry:
+                warnings.warn(
+                    f"{where}: the projections of this model's MultiheadAttention modules ({_fmt_names(attention)}) "
+                    "stay float: PyTorch's attention computes with their weights (in_proj_weight, out_proj.weight) "
+                    "directly, never calling a Linear layer; to quantize them, write the attention with nn.Linear "
+                    "layers for q, k, v and the output",
+                    stacklevel=3,
+                )
             selected = [n for n in selected if type(layers[n]).__name__ in wanted]
             if not selected:
                 present = sorted({type(m).__name__ for m in layers.values()})
