@@ -356,6 +356,26 @@ def test_a_copy_of_a_trained_model_is_the_same_model(method, how, checkpoints):
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
+@pytest.mark.parametrize("method", ["qat", "ptq"])
+def test_averaged_model_updates_take_the_current_ranges(method):
+    # AveragedModel.update_parameters copies the model's buffers (model.buffers(), no state_dict()):
+    # the range quantizers' lazily written ones were stale, and the average evaluated on old grids
+    torch.manual_seed(0)
+    model = lowbit.quantize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)),
+                            [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Linear"]}], method)
+    model(torch.randn(16, 8))
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    for scale in (3.0, 10.0):
+        for _ in range(3):
+            model(torch.randn(16, 8) * scale)
+        swa.update_parameters(model)
+        lo, hi = model[0].input_quantizer.tracked_range()
+        assert swa.module[0].input_quantizer.tracked_range() == (lo, hi)
+    # (after the last update the parameters are averages: the ranges are the model's)
+    assert [b for b in swa.module.buffers()] and all(
+        torch.equal(a, b) for a, b in zip(swa.module.buffers(), model.buffers()))
+
+
 def test_fold_conv_model_and_drops_activation_quantization():
     torch.manual_seed(0)
     model = lowbit.quantize(SmallConv(), [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["default"], "granularity": {"weight": "per_channel"}}], "lsq")

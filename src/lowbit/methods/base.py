@@ -568,6 +568,12 @@ class RangeQuantizer(Quantizer):
         self._note_buffers()
         #: the fused kernel's code for this tracking (per-tensor only), None where it has none
         self._fused_tracking = None if self.axis is not None else _FUSED_TRACKING.get(tracking)
+        self.__dict__["_buffers"] = _FlushingBuffers(self._buffers, self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not isinstance(self._buffers, _FlushingBuffers):  # (a whole model pickled by lowbit < 0.3.9)
+            self.__dict__["_buffers"] = _FlushingBuffers(self._buffers, self)
 
     @property
     def _initialized(self) -> bool:
@@ -1001,6 +1007,31 @@ class RangeQuantizer(Quantizer):
     def _describe_codes(self) -> str:
         extra = f", starts after {self.start_step} steps" if self.start_step else ""
         return f"codes [{self.qmin}, {self.qmax}], {self.tracking}{extra}"
+
+
+class _FlushingBuffers(dict):
+    """A :class:`RangeQuantizer`'s ``_buffers``: going through them (``model.buffers()``,
+    ``named_buffers()``, ``.to()``, what ``AveragedModel.update_parameters`` reads) first writes the
+    quantizer's Python-side state into them, so whoever reads the buffers that way reads the
+    current range (before 0.3.9 ``AveragedModel`` copied stale ones).  Lookups by name (the
+    training path) do not."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, items: dict, owner: "RangeQuantizer") -> None:
+        super().__init__(items)
+        self.owner = owner
+
+    def items(self):  # type: ignore[override]
+        self.owner._flush()
+        return super().items()
+
+    def values(self):  # type: ignore[override]
+        self.owner._flush()
+        return super().values()
+
+    def __reduce__(self):  # (a plain dict in pickles and copies; the quantizer's __setstate__ wraps it again)
+        return (dict, (dict(self),))
 
 
 def is_number(lo: float, hi: float, *, open_lo: bool = True, open_hi: bool = True) -> Callable[[Any], bool]:
