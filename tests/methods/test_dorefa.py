@@ -179,3 +179,27 @@ def test_tanh_matches_torch_tanh_and_its_gradient():
     torch.tanh(xr).backward(g)
     # tanh's derivative from a t within 2e-7 of torch's: |g| * 2|t| * 2e-7 at most
     assert ((xg.grad - xr.grad).abs() <= 4e-7 * g.abs() + 1e-7).all()
+
+
+def test_a_state_loads_only_into_its_own_variant():
+    # learned and scaled share their codes and state keys: a scaled state loaded into a learned
+    # layer silently took max|w|/n as its learned step (and moved the outputs)
+    torch.manual_seed(0)
+    states = {}
+    for variant in ("learned", "scaled", "paper"):
+        m = layer(4, dorefa_variant=variant)
+        m(torch.randn(3, 32))
+        states[variant] = m.state_dict()
+    for saved in states:
+        for into in states:
+            m = layer(4, dorefa_variant=into)
+            if saved == into:
+                m.load_state_dict(states[saved])
+                continue
+            with pytest.raises(RuntimeError, match=f"saved from DoReFa's '{saved}' weight variant.*is '{into}'"):
+                m.load_state_dict(states[saved])
+    # a state saved before the variant was recorded loads as the layer's own
+    old = {k: v for k, v in states["learned"].items() if not k.endswith("variant_id")}
+    m = layer(4, dorefa_variant="learned")
+    m.load_state_dict(old)
+    assert torch.equal(m.weight_quantizer.scale, states["learned"]["weight_quantizer.scale"])

@@ -153,6 +153,10 @@ class _Binary(torch.autograd.Function):
         return g
 
 
+#: the number a DoReFa weight quantizer's state records for its variant (its ``variant`` buffer)
+VARIANT_IDS = {"learned": 0, "scaled": 1, "paper": 2}
+
+
 class DoReFaWeightQuantizer(Quantizer):
     """DoReFa weight quantizer (``variant`` ``"learned"``, ``"scaled"`` or ``"paper"``); see the
     module docstring.  ``weight`` (needed by ``"learned"``) initialises the learned step."""
@@ -168,6 +172,9 @@ class DoReFaWeightQuantizer(Quantizer):
         else:
             self.qmin, self.qmax = qrange(rb, True, narrow=True)
         self._record_codes()
+        # (the learned and scaled variants share their codes and their state's keys: the state
+        # says which it is, so that one loads only into its own variant)
+        self.register_buffer("variant_id", torch.tensor(VARIANT_IDS[variant]))
         self.learned = variant == "learned"
         if self.learned:
             if weight is None:
@@ -184,6 +191,24 @@ class DoReFaWeightQuantizer(Quantizer):
 
     def _sync(self) -> None:
         self._initialized = bool(self.initialized)
+
+    def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
+        saved = state.get(prefix + "variant_id")
+        if isinstance(saved, Tensor) and saved.numel() == 1 and saved.device.type != "meta":
+            names = {v: k for k, v in VARIANT_IDS.items()}
+            got = names.get(int(saved), f"unknown ({int(saved)})")
+            if got != self.variant:
+                return (f"{prefix.rstrip('.') or 'the quantizer'}: the state was saved from DoReFa's {got!r} weight "
+                        f"variant and this quantizer is {self.variant!r}: its scale means another thing there; "
+                        f"quantize with dorefa_variant={got!r} (the config the state was saved with)")
+        return super()._state_problem(state, prefix)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        key = prefix + "variant_id"
+        if key not in state_dict and self._state_problem(state_dict, prefix) is None:
+            # a state saved by lowbit < 0.3.9, which did not record it: taken as this variant's
+            state_dict = {**state_dict, key: self.variant_id.detach().clone()}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _store(self, scale: Tensor) -> None:
         with torch.no_grad():
