@@ -253,3 +253,23 @@ def test_tensor_path_tracks_the_host_paths_range_bit_for_bit(method, extra):
         return out
 
     assert run(False) == run(True)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("scale", 0.0, r"scale 0\.0 is not finite and positive"),
+    ("scale", float("nan"), "is not finite and positive"),
+    ("scale", -0.5, "is not finite and positive"),
+    ("tracked_min", 5.0, "tracked range .* is not a finite range"),
+    ("tracked_max", float("inf"), "is not a finite range"),
+])
+def test_a_damaged_range_in_a_state_is_refused_by_name(key, value, message):
+    # a zero scale died in a bare ZeroDivisionError; NaN / negative scales and inverted ranges loaded
+    def make():
+        return lowbit.quantize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)),
+                               [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}], "qat")
+    a = make()
+    a(torch.randn(4, 8))
+    state = a.state_dict()
+    state[f"2.input_quantizer.{key}"] = torch.tensor(value)
+    with pytest.raises(RuntimeError, match=rf"2\.input_quantizer: the state's .*{message}"):
+        make().load_state_dict(state)

@@ -676,7 +676,30 @@ class RangeQuantizer(Quantizer):
             problem = (f"{_state_name(prefix)}: the state's zero points [{int(zp.min())}, {int(zp.max())}] do not fit this quantizer's "
                        f"grid (codes [{self.qmin}, {self.qmax}], {self.spec.scheme}): it was saved from another "
                        f"quant_scheme or quant_dtype; quantize with the config_list the state was saved with")
+        if problem is None:
+            problem = self._range_problem(state, prefix)
         return problem
+
+    def _range_problem(self, state: dict[str, Any], prefix: str) -> str | None:
+        """Why a calibrated state's grid is not one (a scale not finite and positive, a tracked
+        range not finite or inverted: a damaged or hand-edited file), or ``None``."""
+        got = [state.get(prefix + k) for k in ("initialized", "scale", "tracked_min", "tracked_max")]
+        if not all(isinstance(t, Tensor) and t.device.type != "meta" for t in got) or not bool(got[0].all()):
+            return None
+        _, scale, lo, hi = (t.detach().double() for t in got)
+        if scale.shape != lo.shape or lo.shape != hi.shape:
+            return None  # (the shapes' own error follows)
+
+        def shown(t: Tensor) -> Any:
+            return t.item() if t.numel() == 1 else t.flatten()[:4].tolist()
+
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            return (f"{_state_name(prefix)}: the state's scale {shown(scale)} is not finite and positive "
+                    "(a damaged or edited state): restore it, or recalibrate the model")
+        if not bool((torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)).all()):
+            return (f"{_state_name(prefix)}: the state's tracked range [{shown(lo)}, {shown(hi)}] is not a finite "
+                    "range (min <= max) (a damaged or edited state): restore it, or recalibrate the model")
+        return None
 
     # -- observation --------------------------------------------------------------------------
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor] | None:
