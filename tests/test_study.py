@@ -290,3 +290,20 @@ def test_per_channel_studies_plan_weight_granularity_and_are_checked_before_trai
         {"quant_types": ["input"], "quant_bits": 8, "op_types": ["Linear"], "granularity": "per_channel"}]), "seed0/x")
     with pytest.raises(ConfigError, match="seed0/x: config_list.0.: lsq input quantization cannot be per_channel"):
         check_plan([bad])
+
+
+def test_model_size_packs_weights_at_their_codes_width():
+    # the size counted the config's bits: DoReFa's paper variant at 4 bits has codes -15..15 (5 bits)
+    import math
+
+    import lowbit
+    from lowbit.experiment import model_size
+    from lowbit.models.vae import VAE
+
+    cfg = [{"quant_types": ["weight"], "quant_bits": 4, "op_names": ["fc1"]}]
+    sizes = {}
+    for method, opts in (("lsq", {}), ("dorefa", {"dorefa_variant": "paper"})):
+        m = lowbit.quantize(VAE(), cfg, method, **opts)
+        size = model_size(m)
+        sizes[method] = size["bytes_quantized"] - (size["bytes_fp32"] - 784 * 400 * 4)  # (fc1's weight)
+    assert sizes == {"lsq": math.ceil(784 * 400 * 4 / 8), "dorefa": math.ceil(784 * 400 * 5 / 8)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -111,7 +112,9 @@ def machine_info() -> dict[str, Any]:
 
 
 def model_size(model: nn.Module) -> dict[str, int]:
-    """Parameter count, float32 bytes, and bytes with each quantized weight stored at its bit width."""
+    """Parameter count, float32 bytes, and bytes with each quantized weight packed at its grid's
+    code width (``ceil(log2(levels))``: 5 bits for DoReFa's paper variant at 4 bits, whose codes
+    are odd up to +-15; what a file can store is the export's business: int8 / int4)."""
     params = sum(p.numel() for p in model.parameters())
     fp32 = sum(p.numel() * p.element_size() for p in model.parameters())
     packed = 0
@@ -121,7 +124,8 @@ def model_size(model: nn.Module) -> dict[str, int]:
         inner = getattr(module, "module", None)
         if wq is not None and inner is not None:
             w = inner.weight
-            packed += (w.numel() * int(wq.bits) + 7) // 8
+            qmin, qmax = wq._codes()
+            packed += (w.numel() * max(1, math.ceil(math.log2(qmax - qmin + 1))) + 7) // 8
             seen.add(id(w))
     packed += sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
     return {"parameters": params, "bytes_fp32": fp32, "bytes_quantized": packed}

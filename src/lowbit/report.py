@@ -407,7 +407,7 @@ def write_report(out, cfg, plan, records, test_images, deployment: dict | None =
     rows = [[r.folder.split("/", 1)[1], str(records[r.folder]["size_after"]["parameters"]),
              str(records[r.folder]["size_after"]["bytes_fp32"]), str(records[r.folder]["size_after"]["bytes_quantized"])]
             for r in runs0]
-    md.append(_md_table(["run", "parameters", "bytes (fp32)", "bytes (weights at their bit width)"], rows))
+    md.append(_md_table(["run", "parameters", "bytes (fp32)", "bytes (weights packed at their code width)"], rows))
 
     md += ["", "## Model printout before and after quantization", ""]
     shown = set()
