@@ -129,6 +129,20 @@ def test_unquantized_model_benches_float_rows_only():
     assert r.gemm["kernel_used"] is None  # (no int8 model: none is said to have used u8s8)
 
 
+def test_a_weight_only_model_is_not_labelled_or_scored_as_integer_gemms():
+    # DoReFa's config quantizes weights only: its int8/int4 files run float GEMMs, yet the int4 row
+    # said "8-bit activations", the GEMM line "u8s8", and the int8 speed targets were scored
+    torch.manual_seed(0)
+    m = lowbit.quantize(VAE(), [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Linear"]}], "dorefa")
+    r = _small(m.eval(), gpu=False)
+    assert r.row(bench.ORT_INT8).kernel == "n/a" and r.gemm["kernel_used"] is None
+    assert "float activations" in r.row(bench.ORT_INT4).notes[0]
+    checks = {c["check"]: c for c in r.checks()}
+    speed = [c for name, c in checks.items() if name.startswith("int8 ") and ("latency" in name or "throughput" in name)]
+    assert len(speed) == 4 and all(c["pass"] is None and "no integer GEMM" in c["note"] for c in speed)
+    assert checks["int8 file / fp32 ONNX"]["pass"] is True
+
+
 def test_bench_run_and_cli(tmp_path, monkeypatch):
     run8, run4 = tmp_path / "w8", tmp_path / "w4"
     save_run(run8, _vae(8), model_spec={"name": "vae", "kwargs": {}},
