@@ -724,6 +724,28 @@ def test_example_input_mistakes_are_export_errors(tmp_path):
     path = lowbit.export(model, tmp_path / "d.onnx", example_inputs=x[:1].numpy())  # (a numpy array works)
     assert rt.load_session(path).run(x.numpy())[0].shape == (8, 4 * 8 * 8)
     assert not any(p.name.endswith(".onnx") for p in tmp_path.iterdir() if p.name != "d.onnx")
+    # an unbatched Linear input: the file's symbolic batch axis would have been the features
+    mlp = nn.Sequential(nn.Linear(16, 8))
+    lowbit.quantize(mlp, _cfg(8, 8), "ptq")
+    lowbit.calibrate(mlp, [torch.randn(8, 16)])
+    with pytest.raises(ExportError, match=r"Linear got an unbatched input of shape \(16,\).*dynamic_batch=False"):
+        lowbit.export(mlp.eval(), tmp_path / "e.onnx", example_inputs=torch.randn(16))
+    path = lowbit.export(mlp, tmp_path / "e.onnx", example_inputs=torch.randn(16), dynamic_batch=False)
+    assert rt.load_session(path).run(torch.randn(16).numpy())[0].shape == (8,)
+
+
+def test_a_damaged_onnx_file_is_named_in_the_error(tmp_path):
+    bad, empty = tmp_path / "truncated.onnx", tmp_path / "empty.onnx"
+    model = nn.Sequential(nn.Linear(16, 8))
+    lowbit.quantize(model, _cfg(8, 8), "ptq")
+    lowbit.calibrate(model, [torch.randn(8, 16)])
+    data = lo.export_onnx_bytes(model.eval(), example_inputs=torch.randn(2, 16))
+    bad.write_bytes(data[: len(data) // 2])
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"truncated\.onnx is not a readable ONNX model"):
+        rt.load_session(bad)
+    with pytest.raises(ValueError, match=r"empty\.onnx holds an ONNX model with no graph"):
+        rt.load_session(empty)
 
 
 def test_onnx_fp32_takes_layers_the_integer_formats_refuse(tmp_path):

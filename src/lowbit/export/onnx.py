@@ -379,10 +379,11 @@ class _QLayerOp(torch.autograd.Function):
 
 
 class _Marker(nn.Module):
-    def __init__(self, layer: nn.Module, index: int) -> None:
+    def __init__(self, layer: nn.Module, index: int, batched: bool = False) -> None:
         super().__init__()
         self.layer = layer
         self.index = index
+        self.batched = batched  # (the graph's first axis is a symbolic batch: dynamic_batch)
 
     def __getattr__(self, name: str) -> Any:
         # the layer's own attributes (in_features, weight, a user's tag), read through the marker as
@@ -400,6 +401,12 @@ class _Marker(nn.Module):
             raise ExportError(
                 f"a quantized Conv2d got an unbatched input of shape {tuple(x.shape)}: ONNX's Conv takes a batch; "
                 "give example_inputs with a batch dimension (x[None], or a batch of one)"
+            )
+        if self.batched and isinstance(self.layer, nn.Linear) and x.dim() == 1:
+            raise ExportError(
+                f"a quantized Linear got an unbatched input of shape {tuple(x.shape)}: the file's first axis is a "
+                "batch of any size (dynamic_batch), which would be this layer's features; give example_inputs with "
+                "a batch dimension (x[None], or a batch of one), or export with dynamic_batch=False"
             )
         return _QLayerOp.apply(x, self.index, self.layer(x))
 
@@ -941,7 +948,7 @@ def export_onnx_bytes(
         if format == "onnx-fp32":
             replace_module(work, wrapper, layer, names)  # the float layer, quantizers dropped
         else:
-            replace_module(work, wrapper, _Marker(layer, p.index), names)
+            replace_module(work, wrapper, _Marker(layer, p.index, batched=dynamic_batch), names)
     if example_inputs is None:
         d = _default_inputs(work, vae_graph)
         if d is None:

@@ -142,9 +142,20 @@ def _load_proto(model) -> Any:
 
     if isinstance(model, onnx.ModelProto):
         return model
-    if isinstance(model, (bytes, bytearray)):
-        return onnx.load_from_string(bytes(model))
-    return onnx.load(str(model))
+    what = "the ONNX bytes given" if isinstance(model, (bytes, bytearray)) else str(model)
+    try:
+        if isinstance(model, (bytes, bytearray)):
+            proto = onnx.load_from_string(bytes(model))
+        else:
+            proto = onnx.load(str(model))
+    except OSError:  # (a missing file: its own error names it)
+        raise
+    except Exception as e:  # (protobuf's DecodeError and kin)
+        raise ValueError(f"{what} is not a readable ONNX model ({type(e).__name__}: {e}): truncated or not an ONNX "
+                         "file; export it again (lowbit export)") from e
+    if not proto.graph.node:
+        raise ValueError(f"{what} holds an ONNX model with no graph (an empty or damaged file); export it again")
+    return proto
 
 
 def lowbit_metadata(proto) -> dict[str, Any]:
