@@ -281,6 +281,38 @@ def test_runs_of_0_3_7_load_with_the_meaning_their_config_had(tmp_path):
         assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
 
 
+def test_runs_before_0_3_9_load_with_their_float_biases(tmp_path):
+    import lowbit
+
+    cfg = [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Linear"]}]
+    model = lowbit.quantize(VAE(), cfg, "ptq", bias_quant="float")  # (what 0.3.8 simulated)
+    lowbit.calibrate(model, [torch.rand(16, 784)])
+    run = str(tmp_path / "run")
+    save_run(run, model, model_spec={"name": "vae", "kwargs": {}},
+             quant={"method": "ptq", "config_list": cfg, "options": {}})
+    meta = json.loads(open(os.path.join(run, "meta.json")).read())
+    del meta["quant"]["method_defaults"]["bias_quant"]  # (0.3.8 knew no such option)
+    with open(os.path.join(run, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    _as_saved_by(run, "0.3.8")
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save
+
+    from lowbit.checkpoint import REBUILD_KEY, _rebuild_digest
+
+    weights = os.path.join(run, "model.safetensors")  # (its digest of the edited meta, as 0.3.8 wrote it)
+    blob = save(load_file(weights), metadata={REBUILD_KEY: _rebuild_digest(meta["model"], meta["quant"])})
+    open(weights, "wb").write(blob)
+    meta["weights_sha256"] = __import__("hashlib").sha256(blob).hexdigest()
+    meta["lowbit"] = "0.3.8"
+    json.dump(meta, open(os.path.join(run, "meta.json"), "w"))
+    loaded = load_model(run)
+    assert not loaded.fc1._round_bias
+    x = torch.rand(4, 784)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x)[0], model.eval().encode(x)[0])
+
+
 def test_a_null_quant_dtype_of_0_3_7_meant_unsigned_symmetric_activations():
     from lowbit.checkpoint import _legacy_config
 

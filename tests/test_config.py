@@ -60,7 +60,7 @@ def test_defaults_per_method():
     qat = parse_config(cfg, VAE(), "qat")["fc1"]
     assert (qat.weight.scheme, qat.weight.dtype, qat.weight.granularity) == ("affine", "int", "per_tensor")
     assert (qat.input.scheme, qat.input.dtype) == ("affine", "uint")
-    assert qat.options == {"weight_range": "full", "quant_start_step": 0, "ema_decay": 0.99}
+    assert qat.options == {"weight_range": "full", "bias_quant": "int32", "quant_start_step": 0, "ema_decay": 0.99}
     lsq = parse_config(cfg, VAE(), "lsq")["fc1"]
     assert (lsq.weight.scheme, lsq.input.scheme, lsq.input.dtype) == ("symmetric", "symmetric", None)
     ptq = parse_config(cfg, VAE(), "ptq")["fc1"]

@@ -147,11 +147,12 @@ def test_int8_parity_with_simulation(tmp_path, method, opts):
     out = sess.run(xt.numpy(), eps.numpy())
     assert abs(_loss(out, xt) - _loss(sim, xt)) < 0.01
     assert abs(rt.vae_test_loss(sess, xt.numpy(), eps.numpy()) - _loss(sim, xt)) < 0.01
-    # with the bias in float (no int32 rounding) every output element is the simulation's, up to
-    # float32 summation order — except in samples where an input code sits on a rounding tie that
-    # division and multiplication by the reciprocal break differently (rare: at most 1%)
-    path = lowbit.export(m, tmp_path / "vae_fb.onnx", vae_graph="eps", bias="float")
-    out = rt.load_session(path, precision="exact").run(xt.numpy(), eps.numpy())
+    # the file adds the bias the simulation added (int32 codes at s_in * s_w: bias_quant's default;
+    # before 0.3.9 a float-bias simulation and an int32 file were 78% of the logits apart beyond
+    # 1e-3), so every output element is the simulation's, up to float32 summation order — except in
+    # samples where an input code sits on a rounding tie that division and multiplication by the
+    # reciprocal break differently (rare: at most 1%)
+    assert all(layer["bias"] == "int32" for layer in rt.lowbit_metadata(onnx.load(path))["lowbit.layers"])
     ties = _division_tie_samples(m, xt, eps)
     assert len(ties) <= 3, ties
     keep = np.array([i not in ties for i in range(len(xt))])
@@ -171,16 +172,19 @@ def test_signed_and_narrow_activation_grids_and_output_quantizer(tmp_path):
          "op_names": ["2"]},
         {"quant_types": ["input", "weight"], "quant_bits": 8, "op_names": ["4"]},
     ]
-    lowbit.quantize(model, cfg, "ptq")
+    # (float biases, in the simulation and the file: with an int32 bias a layer's output lies on the
+    # lattice of s_in * s_w, and a min/max output grid calibrated on it puts many outputs on exact
+    # rounding ties, which ONNX's division and lowbit's reciprocal multiply break apart: docs/EXPORT.md)
+    lowbit.quantize(model, cfg, "ptq", bias_quant="float")
     x = torch.randn(256, 12)
     lowbit.calibrate(model, [x])
     model.eval()
     assert model[0].input_quantizer.grid().qmin < 0  # a signed grid really is exercised
     for fmt in ("onnx-int8", "onnx-int4"):  # (int4: layer "2" packed, the 8-bit ones in int8)
-        # (float biases: the simulation's numerics exactly, the clamps included)
-        path = lowbit.export(model, tmp_path / f"{fmt}.onnx", fmt, example_inputs=(x,), bias="float")
+        path = lowbit.export(model, tmp_path / f"{fmt}.onnx", fmt, example_inputs=(x,))
         proto = onnx.load(path)
         assert any(n.op_type == "Clip" for n in proto.graph.node)
+        assert all(layer["bias"] == "float" for layer in rt.lowbit_metadata(proto)["lowbit.layers"])
         q_zero_points = [i for i in proto.graph.initializer if i.name.endswith("/zero_point")]
         assert all(i.data_type == TensorProto.UINT8 for i in q_zero_points)
         xt = torch.randn(500, 12) * 1.5  # also outside the calibrated range: clipping must match
@@ -265,8 +269,10 @@ def test_int4_vae_packed_weights_smaller_and_exact(tmp_path, bits_in):
     assert counts["MatMulIntegerToFloat"] + counts["QGemm"] == 5 and not FLOAT_GEMMS & set(counts), counts
     native = rt.load_session(p4, int4="native")  # ONNX Runtime as-is: its 4-bit kernel
     assert abs(_loss(native.run(x.numpy(), eps.numpy()), x) - sim) < 0.3
-    if bits_in == 8:
-        assert rt.op_type_counts(p4, int4="native")["MatMulNBits"] >= 4
+    if bits_in == 8:  # (with the int32 bias ORT-as-is leaves two layers float Gemms; with its float values, none)
+        pf4 = lowbit.export(m, tmp_path / "vae4f.onnx", "onnx-int4", vae_graph="eps", bias="float")
+        assert rt.op_type_counts(pf4, int4="native")["MatMulNBits"] >= 4
+        assert abs(_loss(rt.load_session(pf4).run(x.numpy(), eps.numpy()), x) - sim) < 0.01
 
 
 def test_weight_only_layers(tmp_path):
@@ -339,26 +345,25 @@ def test_narrow_activation_grids_keep_integer_convs(tmp_path, grid):
                               nn.Flatten(), nn.Linear(4 * 28 * 28, 10))
         cfg = [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 8, "input": 4},
                 "op_types": ["Conv2d", "Linear"], "quant_dtype": {"input": "uint"}}]
-        bias = {"bias": "int32"}  # (auto keeps a 4-bit grid's bias float, for accuracy)
     else:  # (no ReLU before the signed grids: ONNX Runtime's integer conv absorbs one only above a zero point at 0)
         model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(),
                               nn.Linear(4 * 28 * 28, 10))
         cfg = [{"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"],
                 "quant_scheme": "symmetric"}]
-        bias = {}
-    lowbit.quantize(model, cfg, "ptq", weight_range="reduced")
-    lowbit.calibrate(model, [torch.rand(32, 1, 28, 28)])
+    # (QAT's EMA ranges: a min/max range of one layer's outputs, which lie on the lattice of its
+    # s_in * s_w, puts many of them on exact rounding ties, which ONNX Runtime's requantization and
+    # lowbit's reciprocal multiply break apart: docs/EXPORT.md)
+    lowbit.quantize(model, cfg, "qat", weight_range="reduced")
+    lowbit.calibrate(model, [torch.rand(32, 1, 28, 28) for _ in range(3)])
     model.eval()
     assert model[0].input_quantizer.grid().qmax - model[0].input_quantizer.grid().qmin < 255
     xt = torch.rand(16, 1, 28, 28) * 1.5  # (beyond the calibrated range: the clamp must match)
     with torch.no_grad():
         ref = model(xt).numpy()
-    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(xt[:2],), **bias)
+    # (the int32 bias the simulation rounded: its numerics, to float32 summation order)
+    path = lowbit.export(model, tmp_path / "cnn.onnx", example_inputs=(xt[:2],))
     counts = rt.op_type_counts(path)
     assert counts["QLinearConv"] == 2 and counts["Conv"] + counts["FusedConv"] == 0, counts
-    np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=5e-3, rtol=1e-4)
-    # the float bias: the simulation to float summation order
-    path = lowbit.export(model, tmp_path / "cnn_fb.onnx", example_inputs=(xt[:2],), bias="float")
     np.testing.assert_allclose(rt.load_session(path).run(xt.numpy())[0], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -452,9 +457,9 @@ def test_before_quant_start_step_is_refused_naming_it(tmp_path):
 
 def test_nan_scale_is_refused_and_existing_file_kept(tmp_path):
     m = _vae(8, 8)
-    state = m.state_dict()  # a checkpoint whose training diverged
-    state["fc3.input_quantizer.scale"] = torch.tensor(float("nan"))
-    m.load_state_dict(state)
+    m.state_dict()
+    with torch.no_grad():  # a state whose training diverged (loading one is refused: test_qat)
+        m.fc3.input_quantizer.scale.fill_(float("nan"))
     out = tmp_path / "vae.onnx"
     out.write_bytes(b"previous export")
     with pytest.raises(ExportError, match="fc3.*scale"):
@@ -783,3 +788,28 @@ def test_export_traces_a_forward_that_reads_a_layers_attributes(tmp_path):
     path = lowbit.export(m, tmp_path / "attr.onnx", example_inputs=(x,), bias="float")
     with torch.no_grad():
         np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], m(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("bias_quant", ["int32", "float"])
+def test_auto_bias_stores_what_the_layer_simulated(tmp_path, bias_quant):
+    # auto took int32 for 8-bit grids whatever the simulation added: an LSQ model's file was another
+    # model (most logits off beyond 1e-3); now each layer's file bias is its simulation's
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    lowbit.quantize(m, _cfg(8, 8), "lsq", bias_quant=bias_quant)
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(5):
+        loss = m(torch.randn(64, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    x = torch.randn(500, 16)
+    path = lowbit.export(m, tmp_path / "m.onnx", example_inputs=(x[:2],))
+    assert [layer["bias"] for layer in rt.lowbit_metadata(onnx.load(path))["lowbit.layers"]] == [bias_quant] * 2
+    with torch.no_grad():
+        ref = m(x).numpy()
+    out = rt.load_session(path).run(x.numpy())[0]
+    assert np.isclose(out, ref, atol=1e-5, rtol=1e-5).mean() > 0.999
+    if bias_quant == "int32":
+        assert rt.op_type_counts(path)["QGemm"] == 2

@@ -182,7 +182,10 @@ def test_quantized_training_is_the_same_with_and_without_kernels(k):
             torch.manual_seed(0)
             m = VAE()
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-            lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method, optimizer=opt)
+            # (float biases: the two paths' step gradients differ in their last bits, summation order,
+            # and a bias rounded to s_in * s_w can turn that into a code step within three steps)
+            lowbit.quantize(m, [{"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Linear"]}], method,
+                            optimizer=opt, bias_quant="float")
             with kernels.disabled() if not use else contextlib.nullcontext():
                 train_vae(m, opt, steps=3, seed=7, batch=64)
             results.append(m.state_dict())
@@ -430,8 +433,8 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
     input_cls, weight_cls = (type(_quantizer(method, t)) for t in ("input", "weight"))
     original = input_cls.linear_input
 
-    def spy(self, x, w, b, weight_args=None):
-        y = original(self, x, w, b, weight_args)
+    def spy(self, x, w, b, weight_args=None, round_bias=False):
+        y = original(self, x, w, b, weight_args, round_bias)
         calls.append((y is not None, weight_args is not None))
         return y
 
@@ -448,7 +451,7 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
         with ctx as mp:
             if not fuse:
                 mp.setattr(weight_cls, "fused_weight", lambda self, w: None)
-                mp.setattr(input_cls, "linear_input", lambda self, x, w, b, weight_args=None: None)
+                mp.setattr(input_cls, "linear_input", lambda self, x, w, b, weight_args=None, round_bias=False: None)
             for _ in range(3):
                 x = _sparse_images(32, 784, seed=int(torch.randint(0, 1000, (), generator=gen))).requires_grad_(x_grad)
                 loss = vae_batch_loss(m, x)
@@ -458,9 +461,9 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
         return m
 
     fused, unfused = train(True, True), train(False, True)
-    # every layer, its weight's quantization in the call (after QAT's float steps: unfused, unquantized)
-    start = options.get("quant_start_step", 0)
-    assert calls[: 5 * (start + 1)] == [(False, False)] * 5 * start + [(True, True)] * 5
+    # every layer, its weight's quantization in the call (QAT's float steps: unfused, unquantized, and
+    # with the bias rounded no input-only fused call)
+    assert calls[:5] == [(True, True)] * 5
     for name, v in fused.state_dict().items():
         assert torch.equal(v, unfused.state_dict()[name]), name
     fused, unfused = train(True, False), train(False, False)
@@ -470,14 +473,17 @@ def test_the_wrapper_fuses_every_linear_layer(k, method, options, monkeypatch):
     x3 = _sparse_images(6, 784, seed=9).reshape(2, 3, 784)
     y3 = fused.fc1(x3)
     assert calls[-1] == (True, True) and y3.shape == (2, 3, 400)
+    n = len(calls)
     with kernels.disabled():
         assert torch.equal(y3, fused.fc1(x3))
-    assert calls[-1] == (False, False)  # (the weight's own call first: no fused form without kernels)
-    # a forward hook on a quantizer sees every call: the wrapper does not fuse that quantizer
+    assert not any(done for done, _ in calls[n:])  # (no fused form without kernels)
+    # a forward hook on a quantizer sees every call: the wrapper does not fuse that quantizer (and
+    # with the bias rounded to s_in * s_w, no input-only call either: it would not know the weight's grid)
     seen = []
     fused.fc1.weight_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(("w", out.shape)))
+    n = len(calls)
     fused.fc1(_sparse_images(4, 784, seed=5))
-    assert seen == [("w", (400, 784))] and calls[-1] == (True, False)
+    assert seen == [("w", (400, 784))] and calls[n:] == []
     fused.fc1.input_quantizer.register_forward_hook(lambda mod, inp, out: seen.append(("x", out.shape)))
     n_calls = len(calls)
     fused.fc1(_sparse_images(4, 784, seed=5))

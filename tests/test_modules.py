@@ -4,11 +4,13 @@ docs/INTERFACES.md, repeated calls and inputs of any rank."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -311,7 +313,10 @@ def test_conv_model_per_tensor_and_per_channel(method):
     # the wrapper runs the layer's own convolution (reflect padding, stride)
     plain = nn.Conv2d(4, 8, 3, stride=2, padding_mode="reflect", padding=1)
     plain.weight.data.copy_(wq(w))
-    plain.bias.data.copy_(model.conv2.module.bias.detach())
+    # ... adding its bias rounded to the int32 grid of step s_in * s_w (bias_quant's default)
+    step = model.conv2.input_quantizer.grid().scale * g.scale
+    plain.bias.data.copy_(torch.round(model.conv2.module.bias.detach() / step) * step)
+    assert not torch.equal(plain.bias, model.conv2.module.bias)
     a = torch.rand(2, 4, 8, 8) * 0  # exactly representable input: zero
     model.conv2.input_quantizer.eval()
     assert torch.equal(model.conv2(a), plain(a))
@@ -456,3 +461,53 @@ def test_a_layers_backward_hook_sees_the_input_its_forward_pre_hooks_made():
     x = torch.randn(16, 8, requires_grad=True)
     m(x).sum().backward()
     assert torch.allclose(seen["gin"] * 2, x.grad)  # dL/dx = 2 dL/d(2x)
+
+
+@pytest.mark.parametrize("method", ["qat", "ptq", "lsq", "dorefa"])
+def test_the_bias_is_added_on_its_int32_grid_in_every_path(method):
+    # bias_quant "int32" (the default): a layer with quantized input and weights adds round(b / (s_in *
+    # s_w)) * s_in * s_w, what the integer GEMM of its exported file adds; the fused kernel, PyTorch's
+    # code and the tensor path give it bit for bit, and the bias' gradient is the float bias' one
+    from lowbit.fake_quant import round_bias
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.bias.mul_(3.0)
+    m = lowbit.quantize(nn.Sequential(layer), [{"quant_types": ["input", "weight"], "quant_bits": 4,
+                                               "op_types": ["Linear"]}], method)[0]
+    x = torch.rand(32, 16)
+    m(x)  # (ranges, steps)
+    m.eval()
+    s_in, s_w = m.input_quantizer.grid().scale, m.weight_quantizer.grid().scale
+    want_b = torch.round(m.module.bias.detach() / (s_in * s_w)) * (s_in * s_w)
+    assert not torch.equal(want_b, m.module.bias.detach())  # (the rounding is visible at 4 bits)
+    with torch.no_grad():
+        want = F.linear(m.input_quantizer(x), m.weight_quantizer(m.module.weight), want_b)
+    outs = []
+    for ctx in (contextlib.nullcontext(), kernels.disabled(), lowbit.tensor_path()):
+        m.module.bias.grad = None
+        with ctx:
+            y = m(x)
+        y.sum().backward()
+        outs.append(y.detach())
+        assert torch.equal(m.module.bias.grad, torch.full((8,), 32.0))  # (straight through)
+    for y in outs:
+        assert torch.equal(y, want)
+    assert torch.equal(round_bias(m.module.bias, s_in * s_w), want_b)
+    # bias_quant "float": the float bias, as NNI simulates it
+    f = lowbit.quantize(nn.Sequential(copy.deepcopy(layer)), [{"quant_types": ["input", "weight"], "quant_bits": 4,
+                                                              "op_types": ["Linear"], "bias_quant": "float"}], method)[0]
+    f.train()(x)
+    f.eval()
+    with torch.no_grad():
+        assert torch.equal(f(x), F.linear(f.input_quantizer(x), f.weight_quantizer(f.module.weight), f.module.bias))
+
+
+def test_no_bias_rounding_while_qat_runs_in_float():
+    torch.manual_seed(0)
+    m = lowbit.quantize(nn.Sequential(nn.Linear(6, 4)), [{"quant_types": ["input", "weight"], "quant_bits": 4,
+                                                         "op_types": ["Linear"], "quant_start_step": 2}], "qat")[0]
+    x = torch.rand(8, 6)
+    y = m(x)  # (a float step: the layer as it is)
+    assert torch.equal(y, F.linear(x, m.module.weight, m.module.bias))

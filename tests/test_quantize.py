@@ -819,3 +819,16 @@ def test_a_loaded_calibration_quantizes_past_quant_start_step():
     with pytest.raises(ConfigError):
         lowbit.load_calibration_config(fresh, bad)
     assert fresh[0].input_quantizer.float_steps_left() == 2
+
+
+def test_fold_adds_the_bias_the_layer_adds():
+    torch.manual_seed(0)
+    m = lowbit.quantize(nn.Sequential(nn.Linear(8, 6)), [{"quant_types": ["input", "weight"], "quant_bits": 4,
+                                                         "op_types": ["Linear"]}], "ptq")
+    lowbit.calibrate(m, [torch.rand(16, 8)])
+    step = m[0].input_quantizer.grid().scale * m[0].weight_quantizer.grid().scale
+    plain = lowbit.fold(m)
+    assert torch.equal(plain[0].bias, torch.round(m[0].module.bias / step) * step)
+    x = torch.zeros(3, 8)  # (zero inputs: the output is the bias)
+    with torch.no_grad():
+        assert torch.equal(plain(x), m.eval()(x))

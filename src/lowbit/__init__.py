@@ -10,7 +10,7 @@ The public API (see README):
 
 from __future__ import annotations
 
-__version__ = "0.3.8"
+__version__ = "0.3.9"
 
 from .models import VAE, build_model  # noqa: E402
 

@@ -309,8 +309,11 @@ def load_model(run_dir: str | os.PathLike) -> torch.nn.Module:
         defaults = quant.get("method_defaults")
         if defaults is None:  # saved by lowbit < 0.2.0
             defaults = _LEGACY_DEFAULTS.get(quant["method"], {})
+        version = _version(meta.get("lowbit"))
+        if version < (0, 3, 9):  # (its layers added their float bias: bias_quant came in 0.3.9)
+            defaults = {"bias_quant": "float", **defaults}
         try:
-            config = _legacy_config(quant["config_list"], quant["method"], _version(meta.get("lowbit")))
+            config = _legacy_config(quant["config_list"], quant["method"], version)
             quantize(model, config, method=quant["method"], **{**defaults, **quant.get("options", {})})
         except ConfigError as e:  # a config an older lowbit accepted and this one refuses
             raise CheckpointError(f"{run_dir / META}: this lowbit refuses the run's quantization config ({e}); "

@@ -493,6 +493,34 @@ def round_ste(x: Tensor) -> Tensor:
     return _RoundSTE.apply(x)
 
 
+#: the largest int32 bias code lowbit writes (the largest float32 below 2**31: the codes are
+#: computed in float32, as an integer runtime's accumulator scale is)
+BIAS_CODE_LIMIT = 2147483520.0
+
+
+def bias_codes(bias: Tensor, step: Tensor) -> Tensor:
+    """A layer's bias as int32 codes at the integer GEMM's accumulator step ``s_in * s_w`` (per
+    output channel where the weights are), as float32 integers: ``round(b / step)`` in float32,
+    half to even, clamped to int32 — what the ONNX export stores (Jacob et al. 2018, section 2.4)."""
+    return torch.round(bias.detach().float() / step).clamp_(-BIAS_CODE_LIMIT, BIAS_CODE_LIMIT)
+
+
+class _RoundBias(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, bias, step):  # type: ignore[override]
+        return (bias_codes(bias, step) * step).to(bias.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g, None
+
+
+def round_bias(bias: Tensor, step: Tensor) -> Tensor:
+    """``bias`` on its int32 grid of step ``step`` (:func:`bias_codes` times ``step``); the
+    gradient passes straight through to the float bias (the steps get none from it)."""
+    return _RoundBias.apply(bias, step)
+
+
 class _GradQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bits, generator):  # type: ignore[override]

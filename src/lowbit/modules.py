@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LayerSpec
-from .fake_quant import on_host, tensor_path
+from .fake_quant import on_host, round_bias, tensor_path
 from .methods.base import Quantizer, member
 
 __all__ = ["QuantWrapper", "TransformError", "module_names", "replace_module"]
@@ -54,6 +54,10 @@ class QuantWrapper(nn.Module):
         self.method = method
         self.spec = spec
         self._is_linear = isinstance(module, nn.Linear)
+        #: the bias rounded to its int32 grid of step s_in * s_w (the ``bias_quant`` option "int32"):
+        #: what the integer GEMM of the exported file adds
+        self._round_bias = (spec is not None and spec.options.get("bias_quant") == "int32"
+                            and input_quantizer is not None and weight_quantizer is not None)
         # None quantizers stay plain attributes so that print(model) lists only real ones
         for name, q in (
             ("weight_quantizer", weight_quantizer),
@@ -114,17 +118,21 @@ class QuantWrapper(nn.Module):
         # fused form) the weight's quantization; the quantizers are not called as modules then, so
         # not where hooks are registered on them
         weight, bias = member(m, "weight"), member(m, "bias")
+        rb = bias is not None and self.__dict__.get("_round_bias", False)
         fuse = iq is not None and self._is_linear and not (iq._forward_hooks or iq._forward_pre_hooks)
         if fuse and wq is not None and not (wq._forward_hooks or wq._forward_pre_hooks):
             weight_args = wq.fused_weight(weight)
             if weight_args is not None:
-                y = iq.linear_input(x, weight, bias, weight_args)
+                y = iq.linear_input(x, weight, bias, weight_args, round_bias=rb)
         if y is None:
             w = weight if wq is None else wq(weight)
-            y = iq.linear_input(x, w, bias) if fuse else None
+            # (a fused input call does not know a weight grid quantized before it: not with the bias rounded)
+            y = iq.linear_input(x, w, bias) if fuse and not rb else None
             if y is None:
                 if iq is not None:
                     x = iq(x)
+                if rb:
+                    bias = self._int32_bias(bias, iq, wq)
                 y = _linear(x, w, bias, weight) if self._is_linear else m._conv_forward(x, w, bias)
         oq, gq = member(self, "output_quantizer"), member(self, "grad_quantizer")
         if oq is not None:
@@ -132,6 +140,15 @@ class QuantWrapper(nn.Module):
         if gq is not None:
             y = gq(y)
         return y
+
+    @staticmethod
+    def _int32_bias(bias: Tensor, iq: Quantizer, wq: Quantizer) -> Tensor:
+        """``bias`` on its int32 grid of step ``s_in * s_w`` (the grids this call's quantizers used),
+        or as it is where one of them passed its tensor through (QAT's ``quant_start_step``)."""
+        s_in, s_w = iq.used_scale(), wq.used_scale()
+        if s_in is None or s_w is None:
+            return bias
+        return round_bias(bias, s_in.to(bias.device) * s_w.to(bias.device))
 
     def _forward_with_layer_hooks(self, x: Tensor) -> Tensor:
         """The layer's own forward pre-hooks and forward hooks (a user's, or ``weight_norm`` /

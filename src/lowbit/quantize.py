@@ -433,7 +433,9 @@ def fold(model: nn.Module) -> nn.Module:
     the simulated model is float, and so are the folded weights (``calibration_config`` then
     reports the grids the quantizers will start from; the export refuses such a model).  A weight
     that ``weight_norm``, ``spectral_norm`` or pruning computes is folded from its current value,
-    and the folded layer holds it as a plain parameter (the reparametrization removed).
+    and the folded layer holds it as a plain parameter (the reparametrization removed).  A layer
+    that rounds its bias to the int32 grid ``s_in * s_w`` (``bias_quant: int32``, with quantized
+    inputs) gets that rounded bias, the one it adds.
     """
     # a weight recomputed by a pre-hook (weight_norm, pruning) is a plain attribute with a grad_fn
     # after a training pass, which deepcopy refuses: the copy takes its value
@@ -446,5 +448,9 @@ def fold(model: nn.Module) -> nn.Module:
         _plain_weight(layer, name)
         wq = wrapper.quantized_weight()
         layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
+        if wrapper.__dict__.get("_round_bias") and layer.bias is not None:  # (the bias the layer adds)
+            with torch.no_grad():
+                rounded = wrapper._int32_bias(layer.bias, wrapper.input_quantizer, wrapper.weight_quantizer)
+            layer.bias = nn.Parameter(rounded.detach().clone(), requires_grad=layer.bias.requires_grad)
         replace_module(folded, wrapper, layer, names)
     return folded

@@ -31,6 +31,7 @@ using torch::autograd::Function;
 using torch::autograd::tensor_list;
 
 constexpr int64_t kGrain = 1 << 14;  // elements per task in at::parallel_for
+constexpr float kBiasCodeLimit = 2147483520.0f;  // the largest float32 below 2^31 (fake_quant.BIAS_CODE_LIMIT)
 constexpr int kLanes = 16;           // independent float accumulators (vectorisable reduction)
 constexpr float kMinScale = 1e-8f;
 
@@ -700,7 +701,7 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
                         const c10::optional<Tensor>& bias, const c10::optional<Tensor>& x_scale, double x_s, double x_lo,
                         double x_hi, double x_gf, const c10::optional<Tensor>& w_scale, int64_t w_qmin, int64_t w_qmax,
-                        double w_gf, bool w_tanh, double w_s) {
+                        double w_gf, bool w_tanh, double w_s, bool round_bias) {
     Tensor x = as_f32(x_in);
     TORCH_CHECK(x.dim() == 2 && weight_in.dim() == 2 && weight_in.size(1) == x.size(1),
                 "quantized linear takes x [rows, in] and weight [out, in]");
@@ -717,10 +718,12 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
     const bool quant_w = w_scale.has_value() && w_scale->defined();
     numbers.add(quant_w);
     Tensor wh = weight_in, wv;  // wv: W, or tanh(W), what the weight's backward pass reads
+    float numbers_w_step = 0.0f;
     if (quant_w) {
       Tensor w = as_f32(weight_in);
       double w_sign = 1.0;
       const Grid gw = lsq_grid(*w_scale, w_qmin, w_qmax, &w_sign);
+      numbers_w_step = gw.s;
       wh = torch::empty_like(w);
       const float* wp = cfptr(w);
       float* op = fptr(wh);
@@ -738,10 +741,32 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
           .add(w_tanh)
           .shape(w_scale->sizes());
     }
-    if (!quant_w && w_s > 0.0)  // (its backward passes the gradient straight through: nothing saved)
-      wh = fq_forward(as_f32(weight_in), make_grid(w_s, static_cast<double>(w_qmin), static_cast<double>(w_qmax)));
-    numbers.add(bias.has_value() && bias->defined()).into(ctx);
+    float w_step = 0.0f;  // the weight grid's step (0: the weight is not quantized)
+    if (quant_w) w_step = numbers_w_step;
+    if (!quant_w && w_s > 0.0) {  // (its backward passes the gradient straight through: nothing saved)
+      const Grid gw = make_grid(w_s, static_cast<double>(w_qmin), static_cast<double>(w_qmax));
+      wh = fq_forward(as_f32(weight_in), gw);
+      w_step = gw.s;
+    }
+    const bool has_bias = bias.has_value() && bias->defined();
+    numbers.add(has_bias).into(ctx);
     ctx->save_for_backward({x, xh, wh, wv});
+    if (round_bias && has_bias && w_step > 0.0f) {
+      // the bias on its int32 grid of step s_in * s_w, what an integer GEMM adds (gradient: straight
+      // through, the backward pass's sum of G as for the float bias); lowbit.fake_quant.round_bias's
+      // float32 arithmetic, operation by operation
+      Tensor b = as_f32(*bias).contiguous();
+      Tensor bh = torch::empty_like(b);
+      const float step = g.s * w_step;
+      const float* bp = cfptr(b);
+      float* hp = fptr(bh);
+      for (int64_t i = 0; i < b.numel(); ++i) {
+        float q = std::nearbyint(bp[i] / step);
+        q = q < -kBiasCodeLimit ? -kBiasCodeLimit : (q > kBiasCodeLimit ? kBiasCodeLimit : q);
+        hp[i] = q * step;
+      }
+      return torch::linear(xh, wh, bh);
+    }
     return torch::linear(xh, wh, bias);  // what F.linear computes, unfused
   }
 
@@ -806,7 +831,7 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
       }
       if (want_s) gs = torch::full(s_shape, static_cast<float>(sum) * factor, torch::kFloat32);
     }
-    return {gx, gw, gb, gs, Tensor(), Tensor(), Tensor(), Tensor(), gws, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {gx, gw, gb, gs, Tensor(), Tensor(), Tensor(), Tensor(), gws, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -949,15 +974,15 @@ Tensor lsq(const Tensor& x, const Tensor& scale, int64_t qmin, int64_t qmax, dou
 }
 Tensor lsq_linear(const Tensor& x, const Tensor& scale, const Tensor& weight, const c10::optional<Tensor>& bias,
                   int64_t qmin, int64_t qmax, double grad_factor, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
-                  int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s) {
+                  int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s, bool round_bias) {
   return QuantLinearFn::apply(x, weight, bias, scale, 0.0, static_cast<double>(qmin), static_cast<double>(qmax),
-                              grad_factor, w_scale, w_qmin, w_qmax, w_grad_factor, w_tanh, w_s);
+                              grad_factor, w_scale, w_qmin, w_qmax, w_grad_factor, w_tanh, w_s, round_bias);
 }
 Tensor clipped_linear(const Tensor& x, double s, double lo, double hi, const Tensor& weight,
                       const c10::optional<Tensor>& bias, const c10::optional<Tensor>& w_scale, int64_t w_qmin,
-                      int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s) {
+                      int64_t w_qmax, double w_grad_factor, bool w_tanh, double w_s, bool round_bias) {
   return QuantLinearFn::apply(x, weight, bias, c10::nullopt, s, lo, hi, 0.0, w_scale, w_qmin, w_qmax, w_grad_factor,
-                              w_tanh, w_s);
+                              w_tanh, w_s, round_bias);
 }
 Tensor tanh_forward(const Tensor& x_in) {
   Tensor x = as_f32(x_in);
@@ -986,13 +1011,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the step's gradient skips the dense dL/dx_hat when x needs no gradient",
         py::arg("x"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("qmin"), py::arg("qmax"),
         py::arg("grad_factor"), py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0,
-        py::arg("w_grad_factor") = 0.0, py::arg("w_tanh") = false, py::arg("w_s") = 0.0);
+        py::arg("w_grad_factor") = 0.0, py::arg("w_tanh") = false, py::arg("w_s") = 0.0,
+        py::arg("round_bias") = false);
   m.def("clipped_linear", &clipped_linear,
         "linear(x_hat, w_hat, bias) in one autograd node, x_hat on the fixed grid (step s, codes [lo, hi]) with "
         "the clipped straight-through gradient, w_hat as for lsq_linear",
         py::arg("x"), py::arg("s"), py::arg("lo"), py::arg("hi"), py::arg("weight"), py::arg("bias"),
         py::arg("w_scale") = py::none(), py::arg("w_qmin") = 0, py::arg("w_qmax") = 0, py::arg("w_grad_factor") = 0.0,
-        py::arg("w_tanh") = false, py::arg("w_s") = 0.0);
+        py::arg("w_tanh") = false, py::arg("w_s") = 0.0, py::arg("round_bias") = false);
   m.def("range_quant", &range_quant,
         "observe min/max, update the tracked range, quantize (QAT/PTQ per-tensor); returns "
         "(x_hat, tmin, tmax, scale, zero_point, inv, clamp)",

@@ -262,7 +262,7 @@ def plan_layers(model: nn.Module, fmt: str = "onnx-int8", activations: str = "ui
         act_in = act_out = None
         w_codes = w_scale = w_zp = None
         weight_bits = None
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"bias_quant": bool(getattr(wrapper, "_round_bias", False))}
         if fmt != "onnx-fp32":
             for what, q in wrapper.quantizers().items():
                 left = q.float_steps_left()
@@ -564,38 +564,42 @@ def _noop(b: _Builder, x: str, base: str, rank: int | None) -> str:
     return b.node("Reshape", [x, shape], base)
 
 
-def _int32_bias(p: LayerPlan) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """``(codes, scale, max rounding error)`` of the bias at the accumulator scale, or None if it overflows."""
-    bscale = (np.float32(p.act_in.scale) * p.w_scale).astype(np.float32)
-    bq = np.rint(p.bias.astype(np.float64) / bscale.astype(np.float64))
-    if not np.all(np.abs(bq) < 2**31 - 1):
-        return None
-    err = float(np.max(np.abs(bq * bscale.astype(np.float64) - p.bias.astype(np.float64)), initial=0.0))
+def _int32_bias(p: LayerPlan) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(codes, scale, max rounding error)`` of the bias at the accumulator scale ``s_in * s_w``:
+    :func:`lowbit.fake_quant.bias_codes`' float32 arithmetic, so a layer that simulates its bias
+    on that grid (``bias_quant: int32``) stores the codes it computed with."""
+    from ..fake_quant import BIAS_CODE_LIMIT
+
+    bscale = (np.float32(p.act_in.scale) * np.asarray(p.w_scale, dtype=np.float32)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        bq = np.clip(np.rint(p.bias.astype(np.float32) / bscale), -BIAS_CODE_LIMIT, BIAS_CODE_LIMIT)
+    err = float(np.max(np.abs(bq.astype(np.float64) * bscale.astype(np.float64) - p.bias.astype(np.float64)),
+                       initial=0.0))
     return bq.astype(np.int32), bscale, err
 
 
 def _bias_mode(p: LayerPlan, requested: str) -> str:
     """How a quantized layer's bias is stored.
 
-    ``int32``: rounded to the integer GEMM's accumulator scale ``s_in * s_w`` -- what every integer
+    ``int32``: codes at the integer GEMM's accumulator step ``s_in * s_w`` -- what every integer
     runtime adds (Jacob et al. 2018); ONNX Runtime then also fuses the ReLU and the next layer's
-    requantization into its QGemm.  It moves each output by at most ``s_in * s_w / 2``: with 8-bit
-    activations and 7-8 bit weights that changed the VAE's test loss by <= 0.002 nat, and saved
-    ~10% (batch 1) to ~25% (batch 10,000, where the separate Adds and requantization cost 10 ms).
-    ``float``: added in float after the integer GEMM, the simulation's bias exactly.
-    ``auto`` (default): int32 for 8-bit activation grids (255 or 256 levels: a symmetric signed
-    grid too) and weights with 127+ levels, float otherwise -- with 4-bit grids the rounding moved
-    the VAE's test loss by ~0.1 nat.  The largest rounding of each layer is
+    requantization into its QGemm / QLinearConv (a float bias keeps a conv float).  Exactly the
+    simulation where the layer rounds its bias to that grid (the ``bias_quant`` option ``int32``,
+    lowbit's default since 0.3.9); for a layer simulated with its float bias (``bias_quant:
+    float``, or a run of an older lowbit) it moves each output by up to ``s_in * s_w / 2``, which
+    a downstream grid can turn into whole code steps (a W8A8 LSQ VAE: 78% of the logits off by
+    more than 1e-3, the test loss by -0.003 nat).
+    ``float``: added in float after the integer GEMM: the simulation's bias values (rounded
+    where it rounds them), exactly, but without the fused integer conv / requantization.
+    ``auto`` (default): the layer's simulation -- int32 where it rounds its bias, else float, so
+    the file computes what the simulation computed.  The largest rounding of each layer is
     recorded in the file's ``lowbit.layers`` metadata (``bias_max_rounding``).
     """
     if p.act_in is None or p.w_codes is None or requested == "float":
         return "float"
-    if _int32_bias(p) is None:  # would overflow int32
-        return "float"
     if requested == "int32":
         return "int32"
-    w_levels = int(p.info.get("weight_levels", 256))
-    return "int32" if p.act_in.levels >= 255 and w_levels >= 127 else "float"
+    return "int32" if p.info.get("bias_quant") else "float"
 
 
 def _layer_weight(b: _Builder, p: LayerPlan, pre: str, weights_first: bool, int4: bool) -> str:
@@ -636,8 +640,12 @@ def _layer_bias(b: _Builder, p: LayerPlan, pre: str, bias_mode: str, fused_op: b
             p.info["bias_max_rounding"] = err
             b.param_cache[key] = (mode, [b.init(f"{pre}/bias_q", bq), b.init(f"{pre}/bias_scale", bscale),
                                          b.init(f"{pre}/bias_zero_point", np.zeros(bscale.shape, np.int32))])
-        else:
-            b.param_cache[key] = (mode, b.init(f"{pre}/bias", p.bias.astype(np.float32)))
+        else:  # (the bias the simulation adds: on its int32 grid where it rounds it, as float values)
+            bias = p.bias.astype(np.float32)
+            if p.info.get("bias_quant") and p.act_in is not None and p.w_codes is not None:
+                bq, bscale, _ = _int32_bias(p)
+                bias = (bq.astype(np.float32) * bscale).astype(np.float32)
+            b.param_cache[key] = (mode, b.init(f"{pre}/bias", bias))
     mode, stored = b.param_cache[key]
     if mode == "int32":
         return None, b.node("DequantizeLinear", stored, f"{pre}/bias", axis=0)
@@ -1042,9 +1050,10 @@ def export(
             zero points of 0, i.e. symmetric activation grids).
         bias: ``"auto"`` (default), ``"int32"`` or ``"float"``: how a quantized layer's bias is
             stored (see :func:`_bias_mode`): int32 at the accumulator scale (fastest on ONNX
-            Runtime; rounds the bias by up to ``s_in * s_w / 2``; ``auto`` uses it for 8-bit
-            activations with 7-8 bit weights) or float, added after the integer GEMM (the
-            simulation's numerics exactly).
+            Runtime, and the only form of an integer conv) or float, added after the integer
+            GEMM.  ``auto`` stores what the layer simulated (int32 under the ``bias_quant``
+            option's default ``int32``), so the file is the simulation exactly; ``int32`` on a
+            float-bias simulation rounds each bias by up to ``s_in * s_w / 2``.
 
     Raises:
         ExportError: the model cannot be exported faithfully (never calibrated, NaN scales,

@@ -94,6 +94,14 @@ class Option:
     doc: str = ""
 
 
+BIAS_QUANT = Option(
+    "int32",
+    one_of("int32", "float"),
+    "'int32' or 'float'",
+    "'int32': a layer with quantized input and weights adds its bias rounded to the int32 grid of step "
+    "s_in * s_w, as the integer GEMM of the exported file does (Jacob et al. 2018), so the export is the "
+    "simulation exactly; 'float': the float bias (NNI's simulation; the integer file then adds a float bias)",
+)
 WEIGHT_RANGE = Option(
     "full",
     one_of("full", "reduced"),
@@ -128,14 +136,26 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None,
+        round_bias: bool = False,
     ) -> Tensor | None:
         """For an input quantizer: ``F.linear(self(x), w, bias)`` as one fused call (one autograd
         node, :mod:`lowbit.kernels`), ``w`` being ``weight`` or, with ``weight_args`` (from the weight
         quantizer's :meth:`fused_weight`), its fake quantization; or ``None`` where this quantizer
         has no fused call for these tensors (the default): the wrapper then quantizes ``x`` and
-        calls ``F.linear`` itself."""
+        calls ``F.linear`` itself.  ``round_bias`` (with ``weight_args``): the bias on its int32
+        grid of step ``s_in * s_w`` (:func:`lowbit.fake_quant.round_bias`), inside the call."""
         return None
+
+    def used_scale(self) -> Tensor | None:
+        """The step of the grid this quantizer's last call quantized on (a detached float32 tensor,
+        ``()`` or per channel), or ``None`` where that call passed its input through (QAT's
+        ``quant_start_step``) or it has no grid yet: a layer's bias is rounded to ``s_in * s_w``
+        with it (``bias_quant``)."""
+        try:
+            return self.grid().scale
+        except NotCalibratedError:
+            return None
 
     @staticmethod
     def _on_rows(call: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -900,7 +920,8 @@ class RangeQuantizer(Quantizer):
         return None, lo, hi, 0.0, False, s
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None,
+        round_bias: bool = False,
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) where :meth:`_fused_grid` gives the grid: the same values,
@@ -918,7 +939,8 @@ class RangeQuantizer(Quantizer):
             return None
         k = kernels.get()
         s, lo, hi = grid
-        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ())), x)
+        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ()),
+                                                           round_bias=round_bias), x)
 
     # -- the contract -------------------------------------------------------------------------
     @float32_codes
@@ -992,6 +1014,14 @@ class RangeQuantizer(Quantizer):
             return ste_fake_quantize(x, self.scale, zp_t, self.qmin, self.qmax, self.axis)
         return clipped_fake_quantize(x, self.scale, zp_t, self.qmin, self.qmax, self.axis)
 
+    def used_scale(self) -> Tensor | None:
+        st = self._st
+        if not st[0] or self.start_step > 0 and (st[5] if self.training else st[1] < self.start_step):
+            return None
+        if st[4] is not None and self.axis is None:  # (the host path's Python number, exact float32)
+            return torch.full((), st[4][2], dtype=torch.float32, device=self.scale.device)
+        return self.scale.detach()
+
     def quantize_int(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             if self.tracking == "current":
@@ -1045,12 +1075,17 @@ class _FlushingBuffers(dict):
         super().__init__(items)
         self.owner = owner
 
+    def _write(self) -> None:
+        # (not inside a torch.func transform, which refuses the writes: the layer says what is wrong)
+        if not torch._C._are_functorch_transforms_active():
+            self.owner._flush()
+
     def items(self):  # type: ignore[override]
-        self.owner._flush()
+        self._write()
         return super().items()
 
     def values(self):  # type: ignore[override]
-        self.owner._flush()
+        self._write()
         return super().values()
 
     def __reduce__(self):  # (a plain dict in pickles and copies; the quantizer's __setstate__ wraps it again)

@@ -61,7 +61,7 @@ from ..fake_quant import (
     quantize_gradient,
     wide,
 )
-from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, member,
+from .base import (BIAS_QUANT, WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, member,
                    one_of, register_method)
 
 __all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "GradientQuantizer", "dorefa_weight_codes"]
@@ -294,7 +294,8 @@ class DoReFaActivationQuantizer(Quantizer):
         return clipped_fake_quantize(x, self.scale, None, self.qmin, self.qmax)
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None,
+        round_bias: bool = False,
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) for float32 CPU tensors: the same values and gradients."""
@@ -309,7 +310,11 @@ class DoReFaActivationQuantizer(Quantizer):
         if k is None:
             return None
         s, lo, hi = self._s, self.qmin, self.qmax
-        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ())), x)
+        return self._on_rows(lambda rows: k.clipped_linear(rows, s, lo, hi, weight, bias, *(weight_args or ()),
+                                                           round_bias=round_bias), x)
+
+    def used_scale(self) -> Tensor | None:
+        return self.scale
 
     def grid(self) -> AffineGrid:
         return AffineGrid(self.scale.clone(), torch.zeros((), dtype=torch.int64), self.qmin, self.qmax, None)
@@ -345,6 +350,7 @@ class DoReFa(Method):
     name = "dorefa"
     options = {
         "weight_range": WEIGHT_RANGE,
+        "bias_quant": BIAS_QUANT,
         "dorefa_variant": Option(
             "learned",
             one_of("learned", "scaled", "paper"),

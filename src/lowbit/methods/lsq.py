@@ -38,7 +38,7 @@ from .. import kernels
 from ..config import ConfigError, LayerSpec, TensorSpec
 from ..fake_quant import (MIN_SCALE, AffineGrid, affine_qparams, exact_div, float32_codes, fusable, lsq_fake_quantize,
                           qrange)
-from .base import (WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, all_reduce_, check_finite,
+from .base import (BIAS_QUANT, WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, all_reduce_, check_finite,
                    ddp_group, in_backward, is_bool, member, one_of, register_method)
 
 __all__ = ["LSQ", "LSQQuantizer", "mse_range"]
@@ -230,7 +230,8 @@ class LSQQuantizer(Quantizer):
         return scale, self.qmin, self.qmax, self._weight_gf, False
 
     def linear_input(
-        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, weight_args: FusedWeight | None = None,
+        round_bias: bool = False,
     ) -> Tensor | None:
         """``F.linear(self(x), w, bias)`` in one fused call (one autograd node; ``w``: see
         :meth:`Quantizer.linear_input`) where it applies: a per-tensor input step, float32 on the
@@ -258,7 +259,13 @@ class LSQQuantizer(Quantizer):
         if k is None:
             return None
         qmin, qmax, gf = self.qmin, self.qmax, self._grad_factor(x)
-        return self._on_rows(lambda rows: k.lsq_linear(rows, scale, weight, bias, qmin, qmax, gf, *(weight_args or ())), x)
+        return self._on_rows(lambda rows: k.lsq_linear(rows, scale, weight, bias, qmin, qmax, gf, *(weight_args or ()),
+                                                       round_bias=round_bias), x)
+
+    def used_scale(self) -> Tensor | None:
+        if not self._initialized:
+            return None
+        return self.scale.detach().abs().clamp_min(MIN_SCALE)  # (as grid() and the kernels take it)
 
     def grid(self) -> AffineGrid:
         if not self._initialized:
@@ -295,6 +302,7 @@ class LSQ(Method):
     name = "lsq"
     options = {
         "weight_range": WEIGHT_RANGE,
+        "bias_quant": BIAS_QUANT,
         "lsq_plus": Option(False, is_bool, "True or False", "learn an offset (integer zero point) for activations"),
         "lsq_plus_init": Option(
             "paper", one_of("paper", "minmax"), "'paper' or 'minmax'",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import LayerSpec, TensorSpec
-from .base import WEIGHT_RANGE, Method, Option, Quantizer, RangeQuantizer, is_number, one_of, register_method
+from .base import BIAS_QUANT, WEIGHT_RANGE, Method, Option, Quantizer, RangeQuantizer, is_number, one_of, register_method
 
 __all__ = ["PTQ"]
 
@@ -28,6 +28,7 @@ class PTQ(Method):
     range_grid = True
     options = {
         "weight_range": WEIGHT_RANGE,
+        "bias_quant": BIAS_QUANT,
         "calibration": Option("minmax", one_of("minmax", "percentile"), "'minmax' or 'percentile'", "activation range estimator"),
         "percentile": Option(99.99, is_number(50.0, 100.0, open_hi=False), "a number in (50, 100]", "for calibration 'percentile'"),
     }

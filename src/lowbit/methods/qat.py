@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import LayerSpec, TensorSpec
-from .base import WEIGHT_RANGE, Method, Option, Quantizer, RangeQuantizer, is_int, is_number, register_method
+from .base import BIAS_QUANT, WEIGHT_RANGE, Method, Option, Quantizer, RangeQuantizer, is_int, is_number, register_method
 
 __all__ = ["QAT"]
 
@@ -29,6 +29,7 @@ class QAT(Method):
     range_grid = True
     options = {
         "weight_range": WEIGHT_RANGE,
+        "bias_quant": BIAS_QUANT,
         "quant_start_step": Option(0, is_int(0), "an integer >= 0", "training forward passes to run in float first"),
         "ema_decay": Option(0.99, is_number(0.0, 1.0), "a number in (0, 1)", "decay of the activation range EMA"),
     }
