@@ -106,7 +106,7 @@ def make_variants(seed: int = 0, device: str = "cpu", capturable: bool = False) 
     # the same LSQ model with fc1's quantizers and matmul unfused (dense dL/dx_hat for the input
     # step, as before lowbit 0.3.1): what the fused first layer saves, measured side by side
     m, opt = variants["lsq 4L, fc1 unfused"] = quantized("lsq", STUDY_LAYERS)
-    m.fc1.input_quantizer.linear_input = lambda x, w, b, weight_args=None: None  # (the wrapper then quantizes, then F.linear)
+    m.fc1.input_quantizer.linear_input = lambda x, w, b, weight_args=None, round_bias=False: None  # (the wrapper then quantizes, then F.linear)
     # the same LSQ model with fc1's input step frozen (not learned: no dL/dstep for the images at
     # all) — not a method lowbit offers, a measure of what learning that one step costs
     m, opt = variants["lsq 4L, fc1 step frozen"] = quantized("lsq", STUDY_LAYERS)

@@ -253,6 +253,10 @@ def test_attention_projections_left_float_are_named():
             specs = parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": types}], model, "qat")
         assert list(specs) == ["linear1", "linear2"]
     with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (layers named: the attention is not among them, nothing to say)
+        parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Linear"], "op_names": ["linear1"]}],
+                     model, "qat")
+    with warnings.catch_warnings():
         warnings.simplefilter("error")  # (no attention in the layers it selects: nothing to say)
         parse_config([{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d"]}],
                      nn.Sequential(nn.Conv2d(1, 1, 1), nn.MultiheadAttention(4, 1)), "qat")

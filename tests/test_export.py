@@ -738,6 +738,19 @@ def test_example_input_mistakes_are_export_errors(tmp_path):
     path = lowbit.export(mlp, tmp_path / "e.onnx", example_inputs=torch.randn(16), dynamic_batch=False)
     assert rt.load_session(path).run(torch.randn(16).numpy())[0].shape == (8,)
 
+    class Gated(nn.Module):  # (a 1-D vector into a Linear in a batched model: no batch axis there to take)
+        def __init__(self):
+            super().__init__()
+            self.fc, self.gate, self.ctx = nn.Linear(16, 8), nn.Linear(16, 8), nn.Parameter(torch.randn(16))
+
+        def forward(self, x):
+            return self.fc(x) * torch.sigmoid(self.gate(self.ctx))
+
+    gated = lowbit.quantize(Gated(), _cfg(8, 8), "ptq")
+    lowbit.calibrate(gated, [torch.randn(8, 16)])
+    path = lowbit.export(gated.eval(), tmp_path / "f.onnx", example_inputs=torch.randn(4, 16))
+    assert rt.load_session(path).run(torch.randn(3, 16).numpy())[0].shape == (3, 8)
+
 
 def test_a_damaged_onnx_file_is_named_in_the_error(tmp_path):
     bad, empty = tmp_path / "truncated.onnx", tmp_path / "empty.onnx"

@@ -786,8 +786,9 @@ def test_calibrate_warns_about_quantizers_that_saw_no_batch():
 
     cfg = [{"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
     model = lowbit.quantize(Branchy(), cfg, "ptq")
-    with pytest.warns(UserWarning, match=r"ran 1 batch\(es\).*: b\.input\. Their layers were not called"):
+    with pytest.warns(UserWarning, match=r"ran 1 batch\(es\).*: b\.input\. Their layers were not called") as caught:
         lowbit.calibrate(model, [torch.randn(8, 4)])
+    assert caught[0].filename == __file__  # (the caller's line)
     with pytest.warns(UserWarning, match=r"ran 0 batch.*a\.input, b\.input\. Give it batches"):
         lowbit.calibrate(lowbit.quantize(Branchy(), cfg, "lsq"), iter(()))
     with warnings.catch_warnings():

@@ -299,7 +299,7 @@ def parse_config(
                         f"{where}: unknown op type {t!r}; lowbit wraps {', '.join(LAYER_TYPES)} (or 'default' for all)"
                     )
             attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-            if "Linear" in wanted and attention and not exclude_entry:
+            if "Linear" in wanted and attention and not exclude_entry and "op_names" not in entry:
                 warnings.warn(
                     f"{where}: the projections of this model's MultiheadAttention modules ({_fmt_names(attention)}) "
                     "stay float: PyTorch's attention computes with their weights (in_proj_weight, out_proj.weight) "

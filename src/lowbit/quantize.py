@@ -222,8 +222,9 @@ def calibrate(
         warnings.warn(
             f"lowbit.calibrate ran {seen} batch(es) but these quantizers saw none and are still uncalibrated: "
             f"{', '.join(idle)}. " + ("Give it batches (an empty iterable, or an exhausted iterator?)" if not seen else
-            "Their layers were not called: check that the model's forward (or forward=) reaches them"),
-            stacklevel=2,
+            "Their layers were not called, or only with empty batches: check that the model's forward (or "
+            "forward=) reaches them with data"),
+            stacklevel=3,  # (the caller's line: calibrate runs inside torch.no_grad's wrapper)
         )
     return model
 

@@ -203,3 +203,15 @@ def test_a_state_loads_only_into_its_own_variant():
     m = layer(4, dorefa_variant="learned")
     m.load_state_dict(old)
     assert torch.equal(m.weight_quantizer.scale, states["learned"]["weight_quantizer.scale"])
+
+
+def test_a_quantizer_pickled_before_its_variant_was_recorded_still_loads_states():
+    import pickle
+
+    m = layer(4, dorefa_variant="learned")
+    m(torch.randn(3, 32))
+    state = m.state_dict()
+    del m.weight_quantizer._buffers["variant_id"]  # (as lowbit 0.3.8 pickled it)
+    old = pickle.loads(pickle.dumps(m))
+    old.load_state_dict(state)
+    assert int(old.weight_quantizer.variant_id) == 0

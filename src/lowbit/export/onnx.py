@@ -379,11 +379,13 @@ class _QLayerOp(torch.autograd.Function):
 
 
 class _Marker(nn.Module):
-    def __init__(self, layer: nn.Module, index: int, batched: bool = False) -> None:
+    def __init__(self, layer: nn.Module, index: int, unbatched: frozenset[int] = frozenset()) -> None:
         super().__init__()
         self.layer = layer
         self.index = index
-        self.batched = batched  # (the graph's first axis is a symbolic batch: dynamic_batch)
+        # the lengths of the 1-D example inputs under dynamic_batch (their one axis becomes the
+        # file's batch axis): a Linear fed such a vector takes it as one sample's features
+        self.unbatched = unbatched
 
     def __getattr__(self, name: str) -> Any:
         # the layer's own attributes (in_features, weight, a user's tag), read through the marker as
@@ -402,7 +404,7 @@ class _Marker(nn.Module):
                 f"a quantized Conv2d got an unbatched input of shape {tuple(x.shape)}: ONNX's Conv takes a batch; "
                 "give example_inputs with a batch dimension (x[None], or a batch of one)"
             )
-        if self.batched and isinstance(self.layer, nn.Linear) and x.dim() == 1:
+        if isinstance(self.layer, nn.Linear) and x.dim() == 1 and x.shape[0] in self.unbatched:
             raise ExportError(
                 f"a quantized Linear got an unbatched input of shape {tuple(x.shape)}: the file's first axis is a "
                 "batch of any size (dynamic_batch), which would be this layer's features; give example_inputs with "
@@ -951,12 +953,15 @@ def export_onnx_bytes(
     from ..modules import module_names, replace_module
 
     names = module_names(work)
+    unbatched = frozenset(int(t.shape[0]) for t in (example_inputs if isinstance(example_inputs, (tuple, list)) else
+                                                    (example_inputs,))
+                          if dynamic_batch and isinstance(t, (Tensor, np.ndarray)) and t.ndim == 1)
     for p, (_, wrapper) in zip(plans, find_quantized_layers(work)):
         layer = wrapper.module
         if format == "onnx-fp32":
             replace_module(work, wrapper, layer, names)  # the float layer, quantizers dropped
         else:
-            replace_module(work, wrapper, _Marker(layer, p.index, batched=dynamic_batch), names)
+            replace_module(work, wrapper, _Marker(layer, p.index, unbatched), names)
     if example_inputs is None:
         d = _default_inputs(work, vae_graph)
         if d is None:

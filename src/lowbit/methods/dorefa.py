@@ -192,6 +192,11 @@ class DoReFaWeightQuantizer(Quantizer):
     def _sync(self) -> None:
         self._initialized = bool(self.initialized)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "variant_id" not in self._buffers:  # (a whole model pickled by lowbit < 0.3.9)
+            self.register_buffer("variant_id", torch.tensor(VARIANT_IDS[self.variant], device=self.initialized.device))
+
     def _state_problem(self, state: dict[str, Any], prefix: str) -> str | None:
         saved = state.get(prefix + "variant_id")
         if isinstance(saved, Tensor) and saved.numel() == 1 and saved.device.type != "meta":
