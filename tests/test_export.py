@@ -826,3 +826,20 @@ def test_auto_bias_stores_what_the_layer_simulated(tmp_path, bias_quant):
     assert np.isclose(out, ref, atol=1e-5, rtol=1e-5).mean() > 0.999
     if bias_quant == "int32":
         assert rt.op_type_counts(path)["QGemm"] == 2
+
+
+def test_a_bias_too_large_for_the_int32_accumulator_goes_in_float(tmp_path):
+    # a bias huge against s_in * s_w: its clamped int32 code plus the products wrapped around in
+    # ONNX Runtime's accumulator (the output's sign flipped); its values now go in float
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        m[0].bias.copy_(torch.tensor([0.5, -0.5]))
+    lowbit.quantize(m, _cfg(8, 8), "ptq")
+    lowbit.calibrate(m, [torch.randn(8, 4) * 1e-6])
+    m.eval()
+    x = torch.randn(5, 4) * 1e-6
+    path = lowbit.export(m, tmp_path / "m.onnx", example_inputs=(x,))
+    assert rt.lowbit_metadata(onnx.load(path))["lowbit.layers"][0]["bias"] == "float"
+    with torch.no_grad():
+        np.testing.assert_allclose(rt.load_session(path).run(x.numpy())[0], m(x).numpy(), rtol=1e-6, atol=1e-7)

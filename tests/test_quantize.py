@@ -833,3 +833,18 @@ def test_fold_adds_the_bias_the_layer_adds():
     x = torch.zeros(3, 8)  # (zero inputs: the output is the bias)
     with torch.no_grad():
         assert torch.equal(plain(x), m.eval()(x))
+
+
+def test_fold_rounds_the_bias_with_the_grids_the_layer_will_use():
+    # fold took the input step of the layer's last call: none in train mode right after QAT's float steps
+    torch.manual_seed(0)
+    c = [{"quant_types": ["input", "weight"], "quant_bits": 4, "op_types": ["Linear"], "quant_start_step": 2}]
+    a = lowbit.quantize(nn.Sequential(nn.Linear(8, 6)), c, "qat")
+    for _ in range(2):
+        a(torch.rand(16, 8) * 3)
+    with torch.no_grad():
+        a.eval()(torch.rand(4, 8))  # (an evaluation: the weights' grid; the last training call stays a float one)
+    for model in (a.train(), a.eval()):
+        folded = lowbit.fold(model)
+        step = model[0].input_quantizer.grid().scale * model[0].weight_quantizer.grid().scale
+        assert torch.equal(folded[0].bias, torch.round(model[0].module.bias / step) * step)

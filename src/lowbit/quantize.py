@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import QUANT_TYPES, ConfigError, parse_config
-from .fake_quant import AffineGrid
+from .fake_quant import AffineGrid, round_bias
 from .methods import NotCalibratedError, Quantizer, RangeQuantizer, get_method
 from .modules import QuantWrapper, module_names, replace_module
 
@@ -449,9 +449,11 @@ def fold(model: nn.Module) -> nn.Module:
         _plain_weight(layer, name)
         wq = wrapper.quantized_weight()
         layer.weight = nn.Parameter(wq, requires_grad=layer.weight.requires_grad)
-        if wrapper.__dict__.get("_round_bias") and layer.bias is not None:  # (the bias the layer adds)
+        iq, wq_ = wrapper.input_quantizer, wrapper.weight_quantizer
+        if (wrapper.__dict__.get("_round_bias") and layer.bias is not None  # (the bias the layer adds next call)
+                and iq.float_steps_left() == 0 and wq_.float_steps_left() == 0):
             with torch.no_grad():
-                rounded = wrapper._int32_bias(layer.bias, wrapper.input_quantizer, wrapper.weight_quantizer)
+                rounded = round_bias(layer.bias, iq.grid().scale * wq_.grid().scale)
             layer.bias = nn.Parameter(rounded.detach().clone(), requires_grad=layer.bias.requires_grad)
         replace_module(folded, wrapper, layer, names)
     return folded

@@ -599,6 +599,13 @@ def _bias_mode(p: LayerPlan, requested: str) -> str:
     """
     if p.act_in is None or p.w_codes is None or requested == "float":
         return "float"
+    # the int32 accumulator must hold the bias code plus every product of the sum: a code near
+    # int32's end (a bias huge against s_in * s_w, clamped) would wrap around in ONNX Runtime; the
+    # bias' values (the simulation's, clamped) then go in float
+    bq, _, _ = _int32_bias(p)
+    fan_in = int(np.prod(p.w_codes.shape[1:])) if p.w_codes.ndim > 1 else 1
+    if float(np.max(np.abs(bq), initial=0)) + fan_in * 255.0 * 255.0 >= 2.0**31:
+        return "float"
     if requested == "int32":
         return "int32"
     return "int32" if p.info.get("bias_quant") else "float"
