@@ -589,8 +589,8 @@ def _bias_mode(p: LayerPlan, requested: str) -> str:
     simulation where the layer rounds its bias to that grid (the ``bias_quant`` option ``int32``,
     lowbit's default since 0.3.9); for a layer simulated with its float bias (``bias_quant:
     float``, or a run of an older lowbit) it moves each output by up to ``s_in * s_w / 2``, which
-    a downstream grid can turn into whole code steps (a W8A8 LSQ VAE: 78% of the logits off by
-    more than 1e-3, the test loss by -0.003 nat).
+    a downstream grid can turn into whole code steps (a W8A8 LSQ VAE: most of its logits off by
+    more than 1e-3; docs/EXPORT.md, "Bias").
     ``float``: added in float after the integer GEMM: the simulation's bias values (rounded
     where it rounds them), exactly, but without the fused integer conv / requantization.
     ``auto`` (default): the layer's simulation -- int32 where it rounds its bias, else float, so

@@ -61,8 +61,8 @@ from ..fake_quant import (
     quantize_gradient,
     wide,
 )
-from .base import (BIAS_QUANT, WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, is_int, member,
-                   one_of, register_method)
+from .base import (BIAS_QUANT, WEIGHT_RANGE, FusedWeight, Method, NotCalibratedError, Option, Quantizer, _state_name,
+                   is_int, member, one_of, register_method)
 
 __all__ = ["DoReFa", "DoReFaWeightQuantizer", "DoReFaActivationQuantizer", "GradientQuantizer", "dorefa_weight_codes"]
 
@@ -153,7 +153,7 @@ class _Binary(torch.autograd.Function):
         return g
 
 
-#: the number a DoReFa weight quantizer's state records for its variant (its ``variant`` buffer)
+#: the number a DoReFa weight quantizer's state records for its variant (its ``variant_id`` buffer)
 VARIANT_IDS = {"learned": 0, "scaled": 1, "paper": 2}
 
 
@@ -203,7 +203,7 @@ class DoReFaWeightQuantizer(Quantizer):
             names = {v: k for k, v in VARIANT_IDS.items()}
             got = names.get(int(saved), f"unknown ({int(saved)})")
             if got != self.variant:
-                return (f"{prefix.rstrip('.') or 'the quantizer'}: the state was saved from DoReFa's {got!r} weight "
+                return (f"{_state_name(prefix)}: the state was saved from DoReFa's {got!r} weight "
                         f"variant and this quantizer is {self.variant!r}: its scale means another thing there; "
                         f"quantize with dorefa_variant={got!r} (the config the state was saved with)")
         return super()._state_problem(state, prefix)
