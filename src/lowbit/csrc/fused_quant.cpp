@@ -718,12 +718,12 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
     const bool quant_w = w_scale.has_value() && w_scale->defined();
     numbers.add(quant_w);
     Tensor wh = weight_in, wv;  // wv: W, or tanh(W), what the weight's backward pass reads
-    float numbers_w_step = 0.0f;
+    float w_step = 0.0f;        // the weight grid's step (0: the weight is not quantized)
     if (quant_w) {
       Tensor w = as_f32(weight_in);
       double w_sign = 1.0;
       const Grid gw = lsq_grid(*w_scale, w_qmin, w_qmax, &w_sign);
-      numbers_w_step = gw.s;
+      w_step = gw.s;
       wh = torch::empty_like(w);
       const float* wp = cfptr(w);
       float* op = fptr(wh);
@@ -741,8 +741,6 @@ struct QuantLinearFn : public Function<QuantLinearFn> {
           .add(w_tanh)
           .shape(w_scale->sizes());
     }
-    float w_step = 0.0f;  // the weight grid's step (0: the weight is not quantized)
-    if (quant_w) w_step = numbers_w_step;
     if (!quant_w && w_s > 0.0) {  // (its backward passes the gradient straight through: nothing saved)
       const Grid gw = make_grid(w_s, static_cast<double>(w_qmin), static_cast<double>(w_qmax));
       wh = fq_forward(as_f32(weight_in), gw);
